@@ -1,0 +1,29 @@
+"""captured: SageMaker-compatible Data Capture for any inference host.
+
+The model server imports `CaptureClient` (threads) or `AsyncCaptureClient` (asyncio); the
+`captured serve` daemon samples, encodes, spools and delivers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["AsyncCaptureClient", "CaptureClient", "__version__"]
+
+if TYPE_CHECKING:
+    from .aclient import AsyncCaptureClient
+    from .client import CaptureClient
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import captured` in a model server should not pay for the daemon's imports.
+    if name == "CaptureClient":
+        from .client import CaptureClient
+
+        return CaptureClient
+    if name == "AsyncCaptureClient":
+        from .aclient import AsyncCaptureClient
+
+        return AsyncCaptureClient
+    raise AttributeError(name)

@@ -1,0 +1,425 @@
+"""The library a model server imports: `capture()` never blocks on I/O and never raises
+because of the daemon.
+
+`capture()` validates its arguments (programming errors raise `TypeError` / `ValueError`),
+appends one tuple to a bounded in-memory buffer (default 8 MiB of bodies) and returns. A
+background I/O thread takes the whole buffer at once, encodes it into BATCH frames (see
+`captured.frames`), writes them to the daemon's socket, reads ACKs, and reconnects with capped
+backoff. When the buffer is full the record is dropped and counted (`buffer_full`); nothing
+ever waits on the daemon in the caller's thread.
+
+Delivery guarantee: at most once. A frame whose write was interrupted by a broken connection is
+sent again whole on the next connection (the daemon discards a truncated frame, so this never
+duplicates). A frame fully written to a daemon that then dies unread is lost; `flush()` is how a
+caller learns that everything so far was processed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime as _dt
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+import time
+import weakref
+from collections import deque
+from typing import Any
+
+import msgspec
+
+from . import frames
+from .config import SIX_MIB
+from .record import Body, RecordTuple, batch_frames, prepare_record
+
+log = logging.getLogger("captured.client")
+
+DEFAULT_SOCKET_PATH = "/run/captured/capture.sock"
+DEFAULT_BUFFER_BYTES = 8 * 1024 * 1024
+DEFAULT_BATCH_BYTES = 256 * 1024
+
+
+# Client-side drop reasons.
+BUFFER_FULL = "buffer_full"
+CLOSED = "closed"
+REJECTED = "rejected_by_daemon"
+
+
+class _Flush:
+    __slots__ = ("done", "ok", "seq")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.done = threading.Event()
+        self.ok = False
+
+
+class CaptureClient:
+    """Thread-safe capture client backed by one background I/O thread.
+
+    >>> client = CaptureClient("/run/captured/capture.sock")
+    >>> client.capture(b"1,2,3", b"0.5", request_content_type="text/csv",
+    ...                response_content_type="text/csv")
+    True
+    """
+
+    def __init__(
+        self,
+        socket_path: str = DEFAULT_SOCKET_PATH,
+        *,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        max_body_bytes: int = SIX_MIB,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+        reconnect_max_s: float = 2.0,
+    ) -> None:
+        if max_body_bytes * 2 + 65536 > frames.DEFAULT_MAX_FRAME_BYTES:
+            raise ValueError("max_body_bytes is too large for the daemon's maximum frame size")
+        self.socket_path = socket_path
+        self._buffer_bytes = buffer_bytes
+        self._max_body = max_body_bytes
+        self._batch_bytes = batch_bytes
+        self._reconnect_max_s = reconnect_max_s
+        self._start()
+        _live_clients.add(self)
+
+    def _start(self) -> None:
+        """(Re)create all per-process state: also run in a child after `fork()`."""
+        self._lock = threading.Lock()
+        self._pending: list[RecordTuple] = []
+        self._sizes: list[int] = []
+        self._pending_bytes = 0
+        self._flushes: list[_Flush] = []
+        self._next_seq = 0
+        self._captured = 0
+        self._sent = 0
+        self._acknowledged = 0
+        self._dropped: dict[str, int] = {}
+        self._closed = False
+        self._wake_armed = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._io_loop, name="captured-client", daemon=True)
+        self._thread.start()
+
+    # ---- caller side -------------------------------------------------------------------
+
+    def capture(
+        self,
+        request_body: Body,
+        response_body: Body,
+        *,
+        request_content_type: str | None = None,
+        response_content_type: str | None = None,
+        inference_id: str | None = None,
+        custom_attributes: str | None = None,
+        variant_name: str | None = None,
+        event_id: str | None = None,
+        inference_time: _dt.datetime | float | None = None,
+    ) -> bool:
+        """Queue one request/response pair; False when it was dropped (counted in `stats()`)."""
+        rec, size = prepare_record(
+            request_body,
+            response_body,
+            request_content_type,
+            response_content_type,
+            inference_id,
+            custom_attributes,
+            variant_name,
+            event_id,
+            inference_time,
+            self._max_body,
+        )
+        with self._lock:
+            self._captured += 1
+            if self._closed:
+                self._drop(CLOSED, 1)
+                return False
+            if self._pending_bytes + size > self._buffer_bytes:
+                self._drop(BUFFER_FULL, 1)
+                return False
+            self._pending.append(rec)
+            self._sizes.append(size)
+            self._pending_bytes += size
+            if self._wake_armed:
+                return True
+            self._wake_armed = True
+        self._wake()
+        return True
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """True once the daemon confirmed it processed every record captured before this call."""
+        with self._lock:
+            if self._closed and not self._thread.is_alive():
+                return not self._pending
+            self._next_seq += 1
+            f = _Flush(self._next_seq)
+            self._flushes.append(f)
+            self._wake_armed = True
+        self._wake()
+        return f.done.wait(timeout) and f.ok
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "captured": self._captured,
+                "sent": self._sent,
+                "acknowledged": self._acknowledged,
+                "buffered": len(self._pending),
+                "dropped": dict(self._dropped),
+            }
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush for up to `timeout` seconds, then stop; what is still unsent is counted `closed`."""
+        if self._closed:
+            return
+        self.flush(timeout)
+        with self._lock:
+            self._closed = True
+        self._wake()
+        self._thread.join(timeout=1.0)
+        _live_clients.discard(self)
+
+    def __enter__(self) -> CaptureClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    def _drop(self, reason: str, n: int) -> None:
+        self._dropped[reason] = self._dropped.get(reason, 0) + n
+
+    # ---- I/O thread --------------------------------------------------------------------
+
+    def _io_loop(self) -> None:
+        try:
+            _IOLoop(self).run()
+        except Exception:  # never let the thread die silently
+            log.exception("captured client I/O thread failed")
+        finally:
+            with self._lock:
+                self._closed = True
+                if self._pending:
+                    self._drop(CLOSED, len(self._pending))
+                    self._pending, self._sizes, self._pending_bytes = [], [], 0
+                for f in self._flushes:
+                    f.done.set()
+                self._flushes = []
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+
+class _IOLoop:
+    """The client's background I/O: one socket, one select loop, no locks held across I/O."""
+
+    def __init__(self, client: CaptureClient) -> None:
+        self.c = client
+        self.sock: socket.socket | None = None
+        self.reader = frames.FrameReader()
+        # Frames not yet completely written: (frame bytes, records in it, flush or None).
+        self.outq: deque[tuple[bytes, int, _Flush | None]] = deque()
+        self.offset = 0  # bytes of outq[0] already written on this connection
+        self.awaiting: deque[_Flush] = deque()  # FLUSH frames written, ACK not yet seen
+        self.conn_records = 0  # records fully written on this connection
+        self.conn_acked = 0  # records the daemon acknowledged on this connection
+        self.backoff = 0.05
+        self.next_connect = 0.0
+        self.errors_logged: set[str] = set()
+
+    def run(self) -> None:
+        c = self.c
+        while True:
+            closing = self._take()
+            if closing and not self.outq and not self.awaiting:
+                break
+            if self.sock is None and time.monotonic() >= self.next_connect:
+                self._connect()
+            rlist: list[Any] = [c._wake_r]
+            wlist: list[Any] = []
+            timeout: float | None = None
+            if self.sock is not None:
+                rlist.append(self.sock)
+                if self.outq:
+                    wlist.append(self.sock)
+            else:
+                timeout = max(0.0, self.next_connect - time.monotonic())
+            if closing:
+                timeout = 0.05 if timeout is None else min(timeout, 0.05)
+                if self.sock is None:
+                    break  # closing and the daemon is unreachable: give up what is left
+            r, w, _ = select.select(rlist, wlist, [], timeout)
+            if c._wake_r in r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(c._wake_r, 4096)
+            if self.sock is not None and self.sock in r:
+                self._read()
+            if self.sock is not None and self.sock in w:
+                self._write()
+        self._disconnect(None)
+        unsent = sum(n for _, n, _ in self.outq)
+        if unsent:
+            with c._lock:
+                c._drop(CLOSED, unsent)
+
+    def _take(self) -> bool:
+        """Move the caller's buffer into encoded frames; return True when closing.
+
+        Takes nothing while earlier frames are still unwritten: records then wait in the
+        caller's bounded buffer (and are dropped there when it is full), so a stalled daemon
+        never makes this thread hold more than one buffer's worth of encoded frames.
+        """
+        c = self.c
+        with c._lock:
+            closing = c._closed
+            if self.outq:
+                return closing  # leave _wake_armed set: no wake-ups until there is room
+            c._wake_armed = False
+            records, sizes, flushes = c._pending, c._sizes, c._flushes
+            if records or flushes:
+                c._pending, c._sizes, c._flushes, c._pending_bytes = [], [], [], 0
+        if records:
+            for data, n in batch_frames(records, sizes, c._batch_bytes):
+                self.outq.append((data, n, None))
+        for f in flushes:
+            self.outq.append((frames.encode_frame(frames.Kind.FLUSH, (f.seq,)), 0, f))
+        return closing
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(1.0)
+        try:
+            sock.connect(self.c.socket_path)
+        except OSError as exc:
+            sock.close()
+            self.next_connect = time.monotonic() + self.backoff
+            self.backoff = min(self.backoff * 2, self.c._reconnect_max_s)
+            self._log_once(
+                f"connect:{exc.errno}", "cannot reach the capture daemon at %s: %s", self.c.socket_path, exc
+            )
+            return
+        sock.setblocking(False)
+        self.sock = sock
+        self.reader = frames.FrameReader()
+        self.offset = 0
+        self.conn_records = self.conn_acked = 0
+        self.backoff = 0.05
+        self.errors_logged.clear()
+
+    def _write(self) -> None:
+        assert self.sock is not None
+        while self.outq:
+            data, n, flush = self.outq[0]
+            try:
+                sent = self.sock.send(memoryview(data)[self.offset :])
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._disconnect(exc)
+                return
+            self.offset += sent
+            if self.offset < len(data):
+                return
+            self.outq.popleft()
+            self.offset = 0
+            self.conn_records += n
+            if n:
+                with self.c._lock:
+                    self.c._sent += n
+            if flush is not None:
+                self.awaiting.append(flush)
+
+    def _read(self) -> None:
+        assert self.sock is not None
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._disconnect(exc)
+            return
+        if not data:
+            self._disconnect(ConnectionResetError("the daemon closed the connection"))
+            return
+        try:
+            for kind, payload in self.reader.feed(data):
+                if kind == frames.Kind.ACK:
+                    self._on_ack(frames.ack_decoder.decode(payload))
+                elif kind == frames.Kind.ERROR:
+                    self._on_error(bytes(payload).decode("utf-8", "replace"))
+                    return
+        except (frames.ProtocolError, msgspec.DecodeError) as exc:
+            self._disconnect(exc)
+
+    def _on_ack(self, ack: frames.Ack) -> None:
+        with self.c._lock:
+            self.c._acknowledged += ack.records - self.conn_acked
+        self.conn_acked = ack.records
+        while self.awaiting and self.awaiting[0].seq <= ack.seq:
+            f = self.awaiting.popleft()
+            f.ok = True
+            f.done.set()
+
+    def _on_error(self, message: str) -> None:
+        """The daemon refused this connection; a frame it cut short is dropped, not resent.
+
+        A frame refused by its header (too large, wrong version) may be the one only partly
+        written; resending it would be refused again forever.
+        """
+        self._log_once(f"error:{message}", "the capture daemon refused the connection: %s", message)
+        if self.offset and self.outq:
+            _, n, _ = self.outq.popleft()
+            with self.c._lock:
+                self.c._drop(REJECTED, n)
+        self._disconnect(None, slow=True)
+
+    def _disconnect(self, exc: BaseException | None, *, slow: bool = False) -> None:
+        if self.sock is None:
+            return
+        self.sock.close()
+        self.sock = None
+        if exc is not None and not isinstance(exc, OSError | ConnectionError):
+            log.warning("captured client: %s", exc)
+        # A partly written frame goes out again whole on the next connection.
+        self.offset = 0
+        # Records written but not acknowledged may be lost with the connection: flushes that
+        # covered them cannot be confirmed.
+        uncertain = self.conn_records > self.conn_acked
+        for f in self.awaiting:
+            f.ok = not uncertain and f.ok
+            f.done.set()
+        self.awaiting.clear()
+        delay = self.c._reconnect_max_s if slow else self.backoff
+        self.next_connect = time.monotonic() + delay
+        if exc is not None and getattr(exc, "errno", None) not in (None, errno.EPIPE, errno.ECONNRESET):
+            self._log_once(f"io:{exc}", "connection to the capture daemon lost: %s", exc)
+
+    def _log_once(self, key: str, msg: str, *args: object) -> None:
+        """One line per distinct cause until the next successful connection."""
+        if key not in self.errors_logged:
+            self.errors_logged.add(key)
+            log.warning(msg, *args)
+
+
+_live_clients: weakref.WeakSet[CaptureClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A thread does not survive fork(): give each inherited client fresh state and a thread.
+    for client in list(_live_clients):
+        client._start()
+
+
+def _close_all_at_exit() -> None:
+    for client in list(_live_clients):
+        with contextlib.suppress(Exception):
+            client.close(timeout=1.0)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_all_at_exit)

@@ -1,0 +1,266 @@
+"""Configuration sources in and out: defaults, files and overrides gathered into a raw `Draft`, and TOML.
+
+`captured.config` validates the draft into the frozen `Config` tree; this module knows nothing of the rules,
+only where each raw value came from, so that a problem can name its file and a relative path can resolve
+against the directory of whoever wrote it:
+
+- embedded defaults and `Overrides`: the working directory;
+- the TOML file (`config.toml`): the file's directory;
+- the JSON file holding SageMaker's `DataCaptureConfig`: the working directory (it normally names S3).
+
+Nothing here imports `captured.config`, which imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Collection, Mapping
+from typing import NamedTuple
+
+import msgspec
+
+#: SageMaker Python SDK defaults (`sagemaker.model_monitor.DataCaptureConfig`).
+SDK_CSV_CONTENT_TYPES = ("text/csv",)
+SDK_JSON_CONTENT_TYPES = ("application/json",)
+
+#: The field names of `config.Config` and `config.DataCaptureConfig` (a test keeps them in step).
+TOP_LEVEL_KEYS = (
+    "endpoint_name",
+    "variant_name",
+    "socket_path",
+    "spool_dir",
+    "DataCaptureConfig",
+    "spool",
+    "ingest",
+)
+DATA_CAPTURE_KEYS = (
+    "InitialSamplingPercentage",
+    "DestinationS3Uri",
+    "CaptureOptions",
+    "EnableCapture",
+    "KmsKeyId",
+    "CaptureContentTypeHeader",
+)
+
+_BARE_KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class Overrides(msgspec.Struct, frozen=True):
+    """Values from the command line; they win over every file. Relative paths resolve against cwd."""
+
+    socket_path: str | None = None
+    spool_dir: str | None = None
+    #: Replaces `DataCaptureConfig.DestinationS3Uri`.
+    destination: str | None = None
+    endpoint_name: str | None = None
+    variant_name: str | None = None
+    #: Replaces `DataCaptureConfig.InitialSamplingPercentage`.
+    sampling_percentage: int | None = None
+
+
+class Source(NamedTuple):
+    label: str  # prefixed to problems: the file name, or "" for defaults and overrides
+    base_dir: str  # relative paths given by this source resolve against it
+
+
+class Draft:
+    """Raw values merged from every source, before validation, and where each one came from."""
+
+    def __init__(self, values: dict[str, object], source: Source) -> None:
+        self.values = values
+        self.sources = {"": source}
+
+    def put(self, key: str, value: object, source: Source) -> None:
+        self.values[key] = value
+        self.sources[key] = source
+
+    def source(self, key: str) -> Source:
+        """The source of a dotted key: the one recorded for it or for its nearest parent."""
+        while key not in self.sources:
+            key = key.rpartition(".")[0] if "." in key else ""
+        return self.sources[key]
+
+
+def gather(
+    config_path: str | None,
+    data_capture_path: str | None,
+    overrides: Overrides,
+    *,
+    environ: Mapping[str, str],
+    cwd: str,
+    problems: list[str],
+) -> Draft:
+    """Defaults, then the TOML file, the JSON file and the overrides, each replacing what came before.
+
+    Unreadable and unparsable files are recorded in `problems`; `cwd` must be absolute.
+    """
+    draft = _defaults(environ, cwd)
+    if config_path is not None:
+        _merge_toml(draft, config_path, cwd, problems)
+    if data_capture_path is not None:
+        _merge_json(draft, data_capture_path, cwd, problems)
+    _merge_overrides(draft, overrides, cwd)
+    return draft
+
+
+def _defaults(environ: Mapping[str, str], cwd: str) -> Draft:
+    """The embedded defaults: systemd's RuntimeDirectory= / StateDirectory= when set, else ./captured-data."""
+    runtime = _first_dir(environ.get("RUNTIME_DIRECTORY", ""), cwd)
+    state = _first_dir(environ.get("STATE_DIRECTORY", ""), cwd)
+    data_capture = {
+        "EnableCapture": True,
+        "InitialSamplingPercentage": 100,
+        "DestinationS3Uri": "file://" + os.path.join(state, "out"),
+        "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+        "CaptureContentTypeHeader": {
+            "CsvContentTypes": list(SDK_CSV_CONTENT_TYPES),
+            "JsonContentTypes": list(SDK_JSON_CONTENT_TYPES),
+        },
+    }
+    values: dict[str, object] = {
+        "endpoint_name": "local-endpoint",
+        "variant_name": "AllTraffic",
+        "socket_path": os.path.join(runtime, "capture.sock"),
+        "spool_dir": os.path.join(state, "spool"),
+        "DataCaptureConfig": data_capture,
+        "spool": {},  # the Struct defaults fill empty tables in
+        "ingest": {},
+    }
+    return Draft(values, Source("", cwd))
+
+
+def _first_dir(value: str, cwd: str) -> str:
+    # systemd joins the directories of one setting with ':'; the first is ours.
+    first = value.split(":")[0]
+    return os.path.normpath(os.path.join(cwd, first)) if first else os.path.join(cwd, "captured-data")
+
+
+def _merge_toml(draft: Draft, path: str, cwd: str, problems: list[str]) -> None:
+    full = os.path.join(cwd, path)
+    data = _read(path, full, problems, tomllib.loads, "TOML")
+    if not isinstance(data, dict):
+        return
+    source = Source(path, os.path.dirname(full))
+    for key, value in data.items():
+        if key in TOP_LEVEL_KEYS:
+            draft.put(key, value, source)
+        else:
+            problems.append(f"{path}: {unknown_key(key, value, '', TOP_LEVEL_KEYS)}")
+
+
+def _merge_json(draft: Draft, path: str, cwd: str, problems: list[str]) -> None:
+    data = _read(path, os.path.join(cwd, path), problems, json.loads, "JSON")
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        problems.append(f"{path}: must hold a JSON object")
+        return
+    # A whole CreateEndpointConfig request or saved DescribeEndpointConfig response: only its
+    # DataCaptureConfig matters, the keys around it are none of our business.
+    wrapped = "DataCaptureConfig" in data
+    if not wrapped and not data.keys() & set(DATA_CAPTURE_KEYS):
+        problems.append(
+            f"{path}: no DataCaptureConfig found: expected the bare object"
+            ' or an object holding it under a "DataCaptureConfig" key'
+        )
+        return
+    draft.put("DataCaptureConfig", data["DataCaptureConfig"] if wrapped else data, Source(path, cwd))
+
+
+def _read(
+    path: str, full: str, problems: list[str], parse: Callable[[str], object], kind: str
+) -> object | None:
+    """The parsed file, or None after recording one problem line."""
+    try:
+        with open(full, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        problems.append(f"{path}: cannot read: {reason}")
+        return None
+    try:
+        return parse(text)
+    except ValueError as exc:  # tomllib.TOMLDecodeError and json.JSONDecodeError
+        problems.append(f"{path}: invalid {kind}: {exc}")
+        return None
+
+
+def _merge_overrides(draft: Draft, overrides: Overrides, cwd: str) -> None:
+    source = Source("", cwd)
+    for key in ("endpoint_name", "variant_name", "socket_path", "spool_dir"):
+        value = getattr(overrides, key)
+        if value is not None:
+            draft.put(key, value, source)
+    inner = {
+        "DestinationS3Uri": overrides.destination,
+        "InitialSamplingPercentage": overrides.sampling_percentage,
+    }
+    for name, value in inner.items():
+        data_capture = draft.values["DataCaptureConfig"]
+        # Not a table: validation reports that, and there is nothing inside to override.
+        if value is not None and isinstance(data_capture, dict):
+            # A copy: the dict may be the one a file was parsed into.
+            draft.values["DataCaptureConfig"] = {**data_capture, name: value}
+            draft.sources[f"DataCaptureConfig.{name}"] = source
+
+
+def show(value: object, limit: int = 80) -> str:
+    """A value as a problem line shows it: repr (one line, newlines escaped), truncated."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def unknown_key(key: object, value: object, parent: str, known: Collection[str]) -> str:
+    """The problem line (without file prefix) for a key no table of ours has."""
+    name = key if isinstance(key, str) and _BARE_KEY_PATTERN.fullmatch(key) else show(key, 40)
+    dotted = f"{parent}.{name}" if parent else name
+    return f"{dotted} = {show(value)}: unknown key (known: {', '.join(known)})"
+
+
+# --- writing TOML ----------------------------------------------------------------------------------------
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+_TOML_SPECIAL = re.compile(r'["\\\x00-\x1f\x7f]')
+
+
+def toml_document(root: msgspec.Struct, comment: str) -> str:
+    """A tree of Structs as TOML: scalars and lists as `key = value`, nested Structs as `[tables]`.
+
+    Only what our config tree holds is supported: bool, int, finite float, str, tuples, Structs; a
+    None field is left out (every optional field defaults to None).
+    """
+    lines = [f"# {comment}"]
+    _table(lines, "", root)
+    return "\n".join(lines) + "\n"
+
+
+def _table(lines: list[str], name: str, struct: msgspec.Struct) -> None:
+    if name:
+        lines += ["", f"[{name}]"]
+    nested = []
+    for field in struct.__struct_fields__:
+        value = getattr(struct, field)
+        if isinstance(value, msgspec.Struct):
+            nested.append((field, value))  # TOML wants a table's plain keys before its sub-tables
+        elif value is not None:
+            lines.append(f"{field} = {_value(value)}")
+    for field, value in nested:
+        _table(lines, f"{name}.{field}" if name else field, value)
+
+
+def _value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)  # repr of a finite float is valid TOML and reads back exactly
+    if isinstance(value, str):
+        return '"' + _TOML_SPECIAL.sub(lambda m: _TOML_ESCAPES.get(m[0], f"\\u{ord(m[0]):04x}"), value) + '"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_value(item) for item in value) + "]"
+    if isinstance(value, msgspec.Struct):  # inside a list: an inline table
+        fields = [(f, getattr(value, f)) for f in value.__struct_fields__]
+        return "{ " + ", ".join(f"{f} = {_value(v)}" for f, v in fields if v is not None) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")

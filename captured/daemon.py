@@ -1,0 +1,181 @@
+"""Builds the stages from the config and owns start-up and shutdown order.
+
+Start-up: recover what a previous run left in the spool (torn `.part` files cut to whole lines
+and sealed; sealed files queued for delivery), start delivery, bind the socket, then say ready.
+
+Shutdown (SIGTERM or SIGINT): stop accepting, keep reading what connected clients already sent
+until they go quiet (bounded by `ingest.drain_timeout_s`), seal every open file, deliver what is
+sealed (bounded by `SHUTDOWN_DELIVERY_TIMEOUT_S`; what is left stays in the spool for the next
+start), exit 0. A second SIGINT exits at once (exit 130); the spool is recovered next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import time
+from typing import Any
+
+from . import __version__
+from .config import Config
+from .deliver import Delivery, LocalDestination, scan_spool
+from .ingest import IngestServer
+from .pipeline import Pipeline
+from .spool import PART, Spool, recover_part
+
+log = logging.getLogger("captured.daemon")
+
+TICK_S = 0.25
+SHUTDOWN_DELIVERY_TIMEOUT_S = 30.0
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.started_at = time.time()
+        self.delivery = Delivery(LocalDestination(cfg.DataCaptureConfig.DestinationS3Uri))
+        self.spool = Spool(cfg.spool_dir, cfg.endpoint_name, cfg.spool, self.delivery.submit)
+        self.pipeline = Pipeline(cfg, self.spool)
+        self.ingest = IngestServer(
+            self.pipeline, max_frame_bytes=cfg.ingest.max_frame_bytes, status=self.status
+        )
+        self._stop = asyncio.Event()
+        self._signals = 0
+
+    def status(self) -> dict[str, Any]:
+        """What SageMaker's DescribeEndpoint shows for capture, and what happened so far."""
+        dcc = self.cfg.DataCaptureConfig
+        enabled = dcc.EnableCapture
+        doc: dict[str, Any] = {
+            "EndpointName": self.cfg.endpoint_name,
+            "VariantName": self.cfg.variant_name,
+            "EnableCapture": enabled,
+            "CaptureStatus": "Started" if enabled else "Stopped",
+            "CaptureStatusReason": None if enabled else "EnableCapture is false",
+            "CurrentSamplingPercentage": self.pipeline.percentage,
+            "DestinationS3Uri": dcc.DestinationS3Uri,
+            "KmsKeyId": dcc.KmsKeyId,
+            "counters": self.pipeline.counters.as_dict(),
+            "spool": {
+                "dir": self.cfg.spool_dir,
+                "open_files": self.spool.open_files,
+                "files_sealed": self.spool.files_sealed,
+                "bytes_written": self.spool.bytes_written,
+            },
+            "delivery": self.delivery.stats(),
+            "ingest": self.ingest.stats.as_dict(),
+            "socket_path": self.cfg.socket_path,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "version": __version__,
+            "pid": os.getpid(),
+        }
+        return doc
+
+    def recover(self) -> None:
+        """Seal `.part` files a crashed run left (whole lines only) and queue sealed files."""
+        sealed, parts = scan_spool(self.cfg.spool_dir, self.cfg.endpoint_name)
+        for part in parts:
+            size = recover_part(part)
+            if size == 0:
+                os.unlink(part)
+                continue
+            target = part[: -len(PART)]
+            os.rename(part, target)
+            sealed.append((target, size))
+            log.info("recovered %s (%d bytes of whole lines)", target, size)
+        for path, size in sealed:
+            self.delivery.submit(path, size)
+        if sealed:
+            log.info("%d sealed file(s) from an earlier run queued for delivery", len(sealed))
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self.recover()
+        self.delivery.start()
+        sock = bind_socket(self.cfg.socket_path)
+        await self.ingest.start(sock=sock)
+        log.info(
+            "capturing for endpoint %s: socket %s, spool %s, files land in %s (sampling %d%%, capture %s)",
+            self.cfg.endpoint_name,
+            self.cfg.socket_path,
+            self.cfg.spool_dir,
+            self.cfg.DataCaptureConfig.DestinationS3Uri,
+            self.pipeline.percentage,
+            "Started" if self.pipeline.enabled else "Stopped",
+        )
+        ticker = loop.create_task(self._tick(), name="tick")
+        await self._stop.wait()
+        log.info("shutting down: draining clients")
+        self.ingest.stop_accepting()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.cfg.socket_path)
+        await self.ingest.drain(self.cfg.ingest.drain_timeout_s)
+        ticker.cancel()
+        self.spool.seal_all()
+        if not await self.delivery.drain(SHUTDOWN_DELIVERY_TIMEOUT_S):
+            log.warning("shutdown: files left in the spool for the next start: %s", self.delivery.stats())
+        await self.delivery.stop()
+        c = self.pipeline.counters
+        log.info("stopped: received %d, written %d, dropped %s", c.received, c.written, c.dropped)
+        return 0
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                self.spool.tick()
+            except OSError as exc:
+                log.error("spool rotation failed: %s", exc)
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        if self._signals > 1 and sig == signal.SIGINT:
+            log.warning("second SIGINT: exiting at once; the spool is recovered at the next start")
+            os._exit(130)
+        self._stop.set()
+
+
+def bind_socket(path: str) -> socket.socket:
+    """Bind the capture socket, replacing a stale socket file but never a live daemon's."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SystemExit(f"captured: {path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise
+            os.unlink(path)  # stale: nobody listens
+        else:
+            raise SystemExit(f"captured: another daemon is listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o660)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def serve(cfg: Config) -> int:
+    import uvloop
+
+    async def main() -> int:
+        return await Daemon(cfg).run()
+
+    return uvloop.run(main())

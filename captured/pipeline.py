@@ -1,0 +1,147 @@
+"""The hot path: one BATCH payload -> decode -> sample -> encode -> spool, counted by reason.
+
+Everything here runs per batch: one msgspec decode for the whole batch, one comprehension for
+sampling, one `encode_lines` per (variant, hour) group and one write per group. Per-record work
+is the unavoidable: build the line struct and look up two small caches.
+
+Counters add up: received = written + sum(dropped.values()).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import msgspec
+
+from . import frames
+from .config import Config, valid_name
+from .encode import MAX_EPOCH_S, Line, LineEncoder, new_event_ids
+from .logs import RateLimited
+from .sample import sample
+from .spool import Spool
+
+log = logging.getLogger("captured.pipeline")
+
+# Drop reasons (counter labels).
+SAMPLED_OUT = "sampled_out"
+CAPTURE_DISABLED = "capture_disabled"
+INVALID_RECORD = "invalid_record"
+WRITE_ERROR = "write_error"
+
+
+@dataclass(slots=True)
+class Counters:
+    received: int = 0
+    written: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str, n: int) -> None:
+        if n:
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    def as_dict(self) -> dict[str, object]:
+        return {"received": self.received, "written": self.written, "dropped": dict(self.dropped)}
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, spool: Spool) -> None:
+        dcc = cfg.DataCaptureConfig
+        self.enabled = dcc.EnableCapture
+        self.percentage = dcc.InitialSamplingPercentage
+        self.encoder = LineEncoder(dcc)
+        self.default_variant = cfg.variant_name
+        self.spool = spool
+        self.counters = Counters()
+        self._valid_variants = {cfg.variant_name}
+        self._warn = RateLimited(log)
+
+    def process(self, payload: memoryview | bytes) -> int:
+        """Process one BATCH payload; return how many records it carried.
+
+        Raises `frames.ProtocolError` when the payload is not an array at all.
+        """
+        try:
+            records = frames.batch_decoder.decode(payload)
+            invalid = 0
+        except msgspec.DecodeError:
+            records, invalid = self._decode_salvaging(payload)
+        received = len(records) + invalid
+        c = self.counters
+        c.received += received
+        c.drop(INVALID_RECORD, invalid)
+        if not self.enabled:
+            c.drop(CAPTURE_DISABLED, len(records))
+            return received
+        kept = sample(records, self.percentage)
+        c.drop(SAMPLED_OUT, len(records) - len(kept))
+        if kept:
+            self._write(kept)
+        return received
+
+    def _write(self, records: list[frames.Record]) -> None:
+        enc = self.encoder
+        line = enc.line
+        default_variant = self.default_variant
+        valid_variants = self._valid_variants
+        ids = new_event_ids(len(records))
+        groups: dict[tuple[str, int], tuple[float, list[Line]]] = {}
+        invalid = 0
+        for i, r in enumerate(records):
+            t = r.inference_time
+            if not 0.0 <= t < MAX_EPOCH_S:  # also false for NaN
+                invalid += 1
+                continue
+            variant = r.variant_name
+            if variant is None:
+                variant = default_variant
+            elif variant not in valid_variants:
+                if not valid_name(variant) or len(valid_variants) > 1024:
+                    invalid += 1
+                    continue
+                valid_variants.add(variant)
+            second = int(t)
+            key = (variant, second // 3600)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = (t, [])
+            group[1].append(
+                line(
+                    request=r.request,
+                    response=r.response,
+                    request_content_type=r.request_content_type,
+                    response_content_type=r.response_content_type,
+                    second=second,
+                    event_id=r.event_id or ids[i],
+                    inference_id=r.inference_id,
+                    custom_attributes=r.custom_attributes,
+                )
+            )
+        c = self.counters
+        if invalid:
+            c.drop(INVALID_RECORD, invalid)
+            self._warn.warning("invalid", "refused %d record(s): bad inferenceTime or variant name", invalid)
+        for (variant, hour), (first_time, lines) in groups.items():
+            try:
+                self.spool.write(variant, hour, first_time, enc.encode(lines))
+            except OSError as exc:
+                c.drop(WRITE_ERROR, len(lines))
+                self._warn.warning("write", "spool write failed, %d record(s) dropped: %s", len(lines), exc)
+                continue
+            c.written += len(lines)
+
+    def _decode_salvaging(self, payload: memoryview | bytes) -> tuple[list[frames.Record], int]:
+        """A batch with bad records: keep the valid ones, count the others."""
+        try:
+            raws = frames.raw_list_decoder.decode(payload)
+        except msgspec.DecodeError as exc:
+            raise frames.ProtocolError("bad_payload", f"BATCH payload is not an array: {exc}") from None
+        good: list[frames.Record] = []
+        bad = 0
+        for raw in raws:
+            try:
+                good.append(frames.record_decoder.decode(raw))
+            except msgspec.DecodeError as exc:
+                bad += 1
+                self._warn.warning("schema", "refused a record that does not match the schema: %s", exc)
+        return good, bad

@@ -1,0 +1,130 @@
+"""One capture as the caller hands it -> the wire tuple of `frames.Record`, validated.
+
+Shared by `CaptureClient` and `AsyncCaptureClient`. Only programming errors raise (`TypeError`,
+`ValueError`); nothing here touches I/O.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from typing import Any
+
+import msgspec
+
+from . import frames
+from .config import valid_name
+
+Body = bytes | bytearray | memoryview | str | None
+RecordTuple = tuple[Any, ...]
+
+#: Fixed per-record overhead in the buffer accounting (tuple, time, MessagePack framing).
+RECORD_OVERHEAD = 64
+
+
+def _body(value: Body, name: str, max_bytes: int) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        body = value
+    elif isinstance(value, str):
+        # Lone surrogates cannot be UTF-8: keep their bytes; the daemon then writes BASE64.
+        body = value.encode("utf-8", "surrogatepass")
+    elif isinstance(value, bytearray | memoryview):
+        body = bytes(value)  # the caller may reuse its buffer after we return
+    else:
+        raise TypeError(f"{name} must be bytes, str or None, not {type(value).__name__}")
+    if len(body) > max_bytes:
+        raise ValueError(f"{name} is {len(body)} bytes; the maximum is {max_bytes}")
+    return body
+
+
+def _optional_str(value: object, name: str, max_len: int) -> int:
+    if value is None:
+        return 0
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be str or None, not {type(value).__name__}")
+    if len(value) > max_len:
+        raise ValueError(f"{name} is {len(value)} characters; the maximum is {max_len}")
+    return len(value)
+
+
+def _epoch(value: object) -> float:
+    if value is None:
+        return time.time()
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:  # SageMaker times are UTC; a naive datetime is taken as UTC
+            value = value.replace(tzinfo=_dt.UTC)
+        return value.timestamp()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        t = float(value)
+        if not 0.0 <= t < 253402300800.0:
+            raise ValueError(f"inference_time {value!r} is outside years 1970..9999")
+        return t
+    raise TypeError(f"inference_time must be a datetime, epoch seconds or None, not {type(value).__name__}")
+
+
+def prepare_record(
+    request_body: Body,
+    response_body: Body,
+    request_content_type: str | None,
+    response_content_type: str | None,
+    inference_id: str | None,
+    custom_attributes: str | None,
+    variant_name: str | None,
+    event_id: str | None,
+    inference_time: object,
+    max_body_bytes: int,
+) -> tuple[RecordTuple, int]:
+    """Validate one capture; return the wire tuple (see `frames.Record`) and its buffer size."""
+    req = _body(request_body, "request_body", max_body_bytes)
+    resp = _body(response_body, "response_body", max_body_bytes)
+    size = RECORD_OVERHEAD + (len(req) if req is not None else 0) + (len(resp) if resp is not None else 0)
+    size += _optional_str(request_content_type, "request_content_type", 1024)
+    size += _optional_str(response_content_type, "response_content_type", 1024)
+    if inference_id is not None:
+        size += _optional_str(inference_id, "inference_id", 64)
+        if not inference_id or not inference_id.isprintable() or inference_id[0] == " ":
+            raise ValueError("inference_id must be 1..64 printable characters, the first not a space")
+    if custom_attributes is not None:
+        size += _optional_str(custom_attributes, "custom_attributes", 1024)
+        if not custom_attributes.isascii():
+            raise ValueError("custom_attributes must be ASCII (at most 1024 characters)")
+    if variant_name is not None and not valid_name(variant_name):
+        raise ValueError(f"variant_name {variant_name!r} does not match [a-zA-Z0-9](-*[a-zA-Z0-9]){{0,62}}")
+    if event_id is not None:
+        size += _optional_str(event_id, "event_id", 128)
+        if not event_id:
+            raise ValueError("event_id must not be empty")
+    rec = (
+        req,
+        resp,
+        request_content_type,
+        response_content_type,
+        _epoch(inference_time),
+        event_id,
+        inference_id,
+        custom_attributes,
+        variant_name,
+    )
+    return rec, size
+
+
+def batch_frames(records: list[RecordTuple], sizes: list[int], batch_bytes: int) -> list[tuple[bytes, int]]:
+    """Encode records into BATCH frames of about `batch_bytes` each: [(frame, n_records)]."""
+    out: list[tuple[bytes, int]] = []
+    start = 0
+    acc = 0
+    encode = _encoder.encode
+    for i, size in enumerate(sizes):
+        acc += size
+        if acc >= batch_bytes:
+            out.append((frames.frame(frames.Kind.BATCH, encode(records[start : i + 1])), i + 1 - start))
+            start = i + 1
+            acc = 0
+    if start < len(records):
+        out.append((frames.frame(frames.Kind.BATCH, encode(records[start:])), len(records) - start))
+    return out
+
+
+_encoder = msgspec.msgpack.Encoder()

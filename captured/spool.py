@@ -1,0 +1,188 @@
+"""Hourly spool files: one open `.part` file per (variant, UTC hour), sealed by rename.
+
+File names in `spool_dir` carry everything delivery needs, so the directory listing is the
+queue and survives restarts::
+
+    {endpoint}.{variant}.{yyyy}-{mm}-{dd}-{hh}.{MM}-{SS}-{mmm}-{uuid4}.jsonl.part   open
+    {endpoint}.{variant}.{yyyy}-{mm}-{dd}-{hh}.{MM}-{SS}-{mmm}-{uuid4}.jsonl        sealed
+
+Endpoint and variant names cannot contain a dot (SageMaker's name pattern), so the name splits
+unambiguously. `MM-SS-mmm` is the minute, second and millisecond of the file's first record;
+the hour is the UTC hour of `inferenceTime` of every record in it. A `.part` file holds exactly
+the complete JSON lines that will be delivered: every write is whole lines.
+
+A file is sealed (renamed to `.jsonl` and handed to delivery) when the wall clock passes the end
+of its hour, when it has been open `max_file_age_s`, or before a write would take it past
+`max_file_bytes`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import SpoolConfig
+
+log = logging.getLogger("captured.spool")
+
+PART = ".part"
+SEALED = ".jsonl"
+
+
+def file_stem(endpoint: str, variant: str, hour: int, first_time: float, unique: str) -> str:
+    """The spool name (without suffix) of a file whose first record has time `first_time`."""
+    t = time.gmtime(hour * 3600)
+    ms = int(first_time * 1000) % 1000
+    minute_second = time.gmtime(int(first_time))
+    return (
+        f"{endpoint}.{variant}.{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}-{t.tm_hour:02d}."
+        f"{minute_second.tm_min:02d}-{minute_second.tm_sec:02d}-{ms:03d}-{unique}"
+    )
+
+
+def object_key(sealed_name: str) -> str:
+    """`{endpoint}/{variant}/yyyy/mm/dd/hh/MM-SS-mmm-uuid.jsonl` for a sealed spool file name."""
+    base = os.path.basename(sealed_name)
+    if not base.endswith(SEALED):
+        raise ValueError(f"not a sealed spool file: {sealed_name!r}")
+    endpoint, variant, hour, rest = base.split(".", 3)
+    yyyy, mm, dd, hh = hour.split("-")
+    return f"{endpoint}/{variant}/{yyyy}/{mm}/{dd}/{hh}/{rest}"
+
+
+@dataclass(slots=True)
+class OpenFile:
+    path: str
+    fd: int
+    hour: int
+    opened_at: float  # monotonic
+    size: int = 0
+
+
+class Spool:
+    """Writes JSON-lines chunks into hourly `.part` files and seals them.
+
+    `clock` (wall, epoch seconds) and `monotonic` are injected so rotation is testable without
+    sleeping. `on_sealed(path, size)` receives each sealed file.
+    """
+
+    def __init__(
+        self,
+        spool_dir: str,
+        endpoint: str,
+        cfg: SpoolConfig,
+        on_sealed: Callable[[str, int], None],
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.dir = spool_dir
+        self.endpoint = endpoint
+        self.max_age_s = cfg.max_file_age_s
+        self.max_bytes = cfg.max_file_bytes
+        self._on_sealed = on_sealed
+        self._clock = clock
+        self._monotonic = monotonic
+        self._open: dict[tuple[str, int], OpenFile] = {}
+        self.files_sealed = 0
+        self.bytes_written = 0
+        os.makedirs(spool_dir, exist_ok=True)
+
+    @property
+    def open_files(self) -> int:
+        return len(self._open)
+
+    def write(self, variant: str, hour: int, first_time: float, data: bytes) -> None:
+        """Append whole JSON lines `data` to the open file of (variant, hour).
+
+        `first_time` names a new file when one has to be opened. Data larger than what the
+        current file may still take is split at line boundaries across files.
+        """
+        key = (variant, hour)
+        f = self._open.get(key)
+        while data:
+            if f is None:
+                f = self._open_file(variant, hour, first_time)
+            room = self.max_bytes - f.size
+            if len(data) <= room:
+                chunk, data = data, b""
+            else:
+                cut = data.rfind(b"\n", 0, room) + 1
+                if cut == 0:
+                    if f.size > 0:  # the next line does not fit: start a new file
+                        self._seal(key)
+                        f = None
+                        continue
+                    # a single line larger than max_file_bytes: it gets a file of its own
+                    cut = data.index(b"\n") + 1
+                chunk, data = data[:cut], data[cut:]
+            self._write_all(f, chunk)
+            if data or f.size >= self.max_bytes:
+                self._seal(key)
+                f = None
+
+    def tick(self) -> None:
+        """Seal files whose hour has ended (wall clock) or that have been open too long."""
+        now_hour = int(self._clock()) // 3600
+        deadline = self._monotonic() - self.max_age_s
+        for key, f in list(self._open.items()):
+            if f.hour < now_hour or f.opened_at <= deadline:
+                self._seal(key)
+
+    def seal_all(self) -> None:
+        for key in list(self._open):
+            self._seal(key)
+
+    def _open_file(self, variant: str, hour: int, first_time: float) -> OpenFile:
+        stem = file_stem(self.endpoint, variant, hour, first_time, str(uuid.uuid4()))
+        path = os.path.join(self.dir, stem + SEALED + PART)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        f = self._open[(variant, hour)] = OpenFile(path, fd, hour, self._monotonic())
+        return f
+
+    def _write_all(self, f: OpenFile, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            n = os.write(f.fd, view)
+            view = view[n:]
+        f.size += len(chunk)
+        self.bytes_written += len(chunk)
+
+    def _seal(self, key: tuple[str, int]) -> None:
+        f = self._open.pop(key)
+        os.close(f.fd)
+        if f.size == 0:
+            os.unlink(f.path)
+            return
+        sealed = f.path[: -len(PART)]
+        os.rename(f.path, sealed)
+        self.files_sealed += 1
+        log.debug("sealed %s (%d bytes)", sealed, f.size)
+        self._on_sealed(sealed, f.size)
+
+
+def recover_part(path: str) -> int:
+    """Cut a `.part` file left by a crash after its last complete line; return the kept size.
+
+    Only whole lines are ever delivered: a torn last line (no trailing newline) is removed.
+    """
+    with open(path, "rb+") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        keep = size
+        block = 65536
+        while keep > 0:
+            start = max(0, keep - block)
+            fh.seek(start)
+            chunk = fh.read(keep - start)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                keep = start + nl + 1
+                break
+            keep = start
+        if keep != size:
+            fh.truncate(keep)
+        return keep
