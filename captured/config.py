@@ -220,7 +220,9 @@ class _Checker:
 
     def path(self, key: str, value: object) -> str:
         """An absolute, normalised path; relative ones resolve against their source's directory."""
-        text = self.string(key, value, lambda s: s != "" and "\0" not in s, "must be a non-empty path")
+        text = self.string(
+            key, value, lambda s: s != "" and "\0" not in s, "must be a non-empty path without NUL characters"
+        )
         return os.path.normpath(os.path.join(self.base_dir(key), text)) if text else ""
 
 
@@ -366,32 +368,37 @@ def _type_list(ck: _Checker, key: str, value: object) -> tuple[str, ...] | None:
 
 
 def _destination(ck: _Checker, key: str, value: object) -> str:
-    """`s3://bucket[/prefix]` as given, or `file://` + an absolute path (a plain directory is accepted)."""
     text = ck.string(key, value, lambda s: s != "", "must be s3://bucket[/prefix] or a local directory")
     if not text:
         return ""
-    scheme_match = _SCHEME_PATTERN.match(text)
-    scheme = scheme_match.group() if scheme_match else ""
-    rule = None
-    if scheme == "s3:":
-        rule, result = _s3_problem(text), text
-    elif scheme == "file:":
-        result = "file://" + os.path.normpath(text[len("file://") :])
-        if not text.startswith("file:///"):
-            rule = "a file:// destination must be file:///absolute/path"
-    elif scheme == "https:":
-        rule, result = "https:// destinations are not supported: use the s3://bucket/prefix form", text
-    elif scheme:
-        rule, result = "unsupported scheme: use s3://bucket[/prefix] or file:///absolute/path", text
-    else:
-        result = "file://" + os.path.normpath(os.path.join(ck.base_dir(key), text))
-    if rule is None and "\0" in result:
-        rule = "must not contain a NUL character"
+    result, rule = _stored_destination(text, ck.base_dir(key))
     if rule is None and len(result) > 512:
         rule = "must be at most 512 characters"
     if rule is not None:
         ck.bad(key, value, rule)
     return result
+
+
+def _stored_destination(text: str, base_dir: str) -> tuple[str, str | None]:
+    """The destination as stored, and what is wrong with it (None: nothing).
+
+    `s3://bucket[/prefix]` is kept as given; a local directory, plain or `file:///`, becomes `file://` and
+    an absolute, normalised path.
+    """
+    match = _SCHEME_PATTERN.match(text)
+    scheme = match.group() if match else ""
+    if scheme == "s3:":
+        return text, _s3_problem(text)
+    if scheme == "https:":  # SageMaker admits it, but an S3 client needs the bucket and the prefix
+        return text, "https:// destinations are not supported: use the s3://bucket/prefix form"
+    if scheme == "file:" and not text.startswith("file:///"):
+        return text, "a file:// destination must be file:///absolute/path"
+    if scheme not in ("", "file:"):
+        return text, "unsupported scheme: use s3://bucket[/prefix], file:///absolute/path or a directory"
+    path = text[len("file://") :] if scheme else os.path.join(base_dir, text)
+    if "\0" in path:
+        return text, "must not contain a NUL character"
+    return "file://" + os.path.normpath(path), None
 
 
 def _s3_problem(uri: str) -> str | None:

@@ -5,8 +5,7 @@ only where each raw value came from, so that a problem can name its file and a r
 against the directory of whoever wrote it:
 
 - embedded defaults and `Overrides`: the working directory;
-- the TOML file (`config.toml`): the file's directory;
-- the JSON file holding SageMaker's `DataCaptureConfig`: the working directory (it normally names S3).
+- the TOML file and the JSON file holding SageMaker's `DataCaptureConfig`: the file's directory.
 
 Nothing here imports `captured.config`, which imports this module.
 """
@@ -152,7 +151,8 @@ def _merge_toml(draft: Draft, path: str, cwd: str, problems: list[str]) -> None:
 
 
 def _merge_json(draft: Draft, path: str, cwd: str, problems: list[str]) -> None:
-    data = _read(path, os.path.join(cwd, path), problems, json.loads, "JSON")
+    full = os.path.join(cwd, path)
+    data = _read(path, full, problems, json.loads, "JSON")
     if data is None:
         return
     if not isinstance(data, dict):
@@ -167,7 +167,8 @@ def _merge_json(draft: Draft, path: str, cwd: str, problems: list[str]) -> None:
             ' or an object holding it under a "DataCaptureConfig" key'
         )
         return
-    draft.put("DataCaptureConfig", data["DataCaptureConfig"] if wrapped else data, Source(path, cwd))
+    source = Source(path, os.path.dirname(full))
+    draft.put("DataCaptureConfig", data["DataCaptureConfig"] if wrapped else data, source)
 
 
 def _read(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import logging
 import os
@@ -134,10 +135,8 @@ class Delivery:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         await self.destination.close()
 
     async def _run(self) -> None:
@@ -151,7 +150,7 @@ class Delivery:
             self._busy = True
             try:
                 await self.destination.put(item.path, spool.object_key(item.path))
-            except Exception as exc:  # noqa: BLE001 - any failure keeps the file and retries
+            except Exception as exc:
                 self.failures += 1
                 log.warning("delivery of %s failed, retrying in %.1fs: %s", item.path, backoff, exc)
                 await asyncio.sleep(backoff)

@@ -136,7 +136,9 @@ def parse_header(buf: bytes | bytearray | memoryview, max_frame_bytes: int) -> t
     if kind not in _KINDS:
         raise ProtocolError("unknown_kind", f"unknown frame kind {kind}")
     if length > max_frame_bytes:
-        raise ProtocolError("frame_too_large", f"frame of {length} bytes exceeds the maximum {max_frame_bytes}")
+        raise ProtocolError(
+            "frame_too_large", f"frame of {length} bytes exceeds the maximum {max_frame_bytes}"
+        )
     return kind, length
 
 

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+import msgspec
+
 from . import frames
 from .logs import RateLimited
 from .pipeline import Pipeline
@@ -78,7 +80,7 @@ class Connection(asyncio.Protocol):
                     raise frames.ProtocolError("unexpected_kind", f"a client may not send frame kind {kind}")
         except frames.ProtocolError as exc:
             self.fail(exc.reason, str(exc))
-        except frames.msgspec.DecodeError as exc:
+        except msgspec.DecodeError as exc:
             self.fail("bad_payload", f"undecodable frame payload: {exc}")
 
     def _reply(self, data: bytes) -> None:

@@ -1,0 +1,212 @@
+"""The two systems under test as subprocesses: start, ask how far they got, stop, count output lines.
+
+Each server lives in its own temporary directory. The socket always sits in a short directory under
+/tmp (AF_UNIX paths are limited to 107 bytes); data may go elsewhere (`--workdir`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from captured.cli import query_status
+
+BENCH_DIR = Path(__file__).resolve().parent
+STOP_TIMEOUT_S = 120.0
+
+
+class Server:
+    """Common lifecycle; subclasses say how to start, how to count and where the output is."""
+
+    name = ""
+
+    def __init__(self, sampling: int, workdir: str | None) -> None:
+        self.sampling = sampling
+        self.sock_dir = tempfile.mkdtemp(prefix="cdb-", dir="/tmp")
+        self.data_dir = tempfile.mkdtemp(prefix=f"cdb-{self.name}-", dir=workdir) if workdir else self.sock_dir
+        self.socket_path = os.path.join(self.sock_dir, "s.sock")
+        self.out_dir = os.path.join(self.data_dir, "out")
+        self.log_path = os.path.join(self.data_dir, f"{self.name}.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def counts(self) -> tuple[int, int, dict[str, int]]:
+        """(received, written, dropped by reason) as the server reports them."""
+        raise NotImplementedError
+
+    def output_dirs(self) -> list[str]:
+        return [self.out_dir]
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, cwd=self.data_dir)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self.ready():
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"{self.name} did not become ready:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def peak_rss_bytes(self) -> int:
+        """VmHWM: the resident set's high-water mark since the process started."""
+        with open(f"/proc/{self.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("VmHWM not found")
+
+    def stop(self) -> int:
+        """SIGTERM, wait for an orderly exit (SIGKILL after `STOP_TIMEOUT_S`)."""
+        if self.proc is None:
+            return -1
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.returncode = self.proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.returncode = self.proc.wait()
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def count_lines(self) -> tuple[int, int]:
+        """(lines, files) in every output file; the first line of each file must be a capture record."""
+        lines = files = 0
+        for root in self.output_dirs():
+            for dirpath, _, names in os.walk(root):
+                for name in names:
+                    if ".jsonl" not in name:
+                        continue
+                    files += 1
+                    lines += _count_file(os.path.join(dirpath, name))
+        return lines, files
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            with open(self.log_path, errors="replace") as fh:
+                return "".join(fh.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def cleanup(self) -> None:
+        self.kill()
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def _count_file(path: str) -> int:
+    n = 0
+    with open(path, "rb") as fh:
+        first = fh.readline()
+        if first:
+            doc = json.loads(first)
+            if "captureData" not in doc or "eventId" not in doc["eventMetadata"]:
+                raise ValueError(f"{path}: the first line is not a capture record")
+            n = first.count(b"\n")
+        while chunk := fh.read(1 << 20):
+            n += chunk.count(b"\n")
+    return n
+
+
+class CapturedServer(Server):
+    name = "captured"
+
+    def __init__(self, sampling: int, workdir: str | None) -> None:
+        super().__init__(sampling, workdir)
+        self.spool_dir = os.path.join(self.data_dir, "spool")
+        self.config_path = os.path.join(self.data_dir, "captured.toml")
+        with open(self.config_path, "w") as fh:
+            fh.write(self.config_toml())
+
+    def config_toml(self) -> str:
+        return (
+            'endpoint_name = "bench"\n'
+            'variant_name = "AllTraffic"\n'
+            f'socket_path = "{self.socket_path}"\n'
+            f'spool_dir = "{self.spool_dir}"\n'
+            "\n[spool]\n"
+            "max_file_age_s = 60.0\n"
+            "\n[DataCaptureConfig]\n"
+            f"InitialSamplingPercentage = {self.sampling}\n"
+            f'DestinationS3Uri = "file://{self.out_dir}"\n'
+            'CaptureOptions = [{ CaptureMode = "Input" }, { CaptureMode = "Output" }]\n'
+            "\n[DataCaptureConfig.CaptureContentTypeHeader]\n"
+            'CsvContentTypes = ["text/csv"]\n'
+            'JsonContentTypes = ["application/json"]\n'
+        )
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "captured", "serve", "--config", self.config_path]
+
+    def ready(self) -> bool:
+        try:
+            query_status(self.socket_path, timeout=1.0)
+        except OSError:
+            return False
+        return True
+
+    def counts(self) -> tuple[int, int, dict[str, int]]:
+        c = query_status(self.socket_path)["counters"]
+        return c["received"], c["written"], dict(c["dropped"])
+
+    def output_dirs(self) -> list[str]:
+        return [self.spool_dir, self.out_dir]
+
+
+class NaiveServer(Server):
+    name = "naive"
+
+    def command(self) -> list[str]:
+        script = str(BENCH_DIR / "naive_server.py")
+        return [sys.executable, script, "--socket", self.socket_path, "--out-dir", self.out_dir,
+                "--sampling", str(self.sampling)]  # fmt: skip
+
+    def ready(self) -> bool:
+        return os.path.exists(self.socket_path) and "ready" in self.log_tail(5)
+
+    def counts(self) -> tuple[int, int, dict[str, int]]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10.0)
+            sock.connect(self.socket_path)
+            sock.sendall(b'{"op": "count"}\n')
+            reply = b""
+            while not reply.endswith(b"\n"):
+                data = sock.recv(4096)
+                if not data:
+                    raise ConnectionError("the naive server closed the connection without answering")
+                reply += data
+        doc = json.loads(reply)
+        received, written = doc["received"], doc["written"]
+        dropped = {"sampled_out": received - written} if received > written else {}
+        return received, written, dropped
+
+
+SYSTEMS: dict[str, type[Server]] = {"captured": CapturedServer, "naive": NaiveServer}

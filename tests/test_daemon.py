@@ -1,0 +1,488 @@
+"""End to end: the real client -> a real daemon subprocess -> files in the file:// destination."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import DaemonProcess, wait_for
+
+from captured import CaptureClient, frames
+from captured.cli import query_status
+
+UTC = dt.UTC
+
+# The spec's observed lines (section 3), with the inputs that produce them.
+SPEC_LINES = [
+    (
+        dict(
+            request_body=b"41,0,159.3,66\n",
+            response_body=b"0.01216088142246008",
+            request_content_type="text/csv",
+            response_content_type="text/csv; charset=utf-8",
+            event_id="a727dc55-cbe1-498c-bcb9-9c12eea02b44",
+            inference_id="58",
+            inference_time=dt.datetime(2021, 5, 18, 0, 29, 2, 731000, tzinfo=UTC),
+        ),
+        '{"captureData":{"endpointInput":{"observedContentType":"text/csv","mode":"INPUT","data":"41,0,159.3,66\\n","encoding":"CSV"},"endpointOutput":{"observedContentType":"text/csv; charset=utf-8","mode":"OUTPUT","data":"0.01216088142246008","encoding":"CSV"}},"eventMetadata":{"eventId":"a727dc55-cbe1-498c-bcb9-9c12eea02b44","inferenceId":"58","inferenceTime":"2021-05-18T00:29:02Z"},"eventVersion":"0"}',
+    ),
+    (
+        dict(
+            request_body='{"instances": [{"features": [28, 2, 133937, 9, 13, 2, 0, 0, 4, 1, 15024, 0, 55, 37]}]}',
+            response_body='{"predictions": [{"score": 0.9899773597717285, "predicted_label": 1}]}',
+            request_content_type="application/json",
+            response_content_type="application/json",
+            event_id="7ddb2d7c-4d6a-4e67-a68e-23870399829d",
+            inference_time=dt.datetime(2024, 1, 19, 19, 27, 57, tzinfo=UTC).timestamp(),
+        ),
+        '{"captureData":{"endpointInput":{"observedContentType":"application/json","mode":"INPUT","data":"{\\"instances\\": [{\\"features\\": [28, 2, 133937, 9, 13, 2, 0, 0, 4, 1, 15024, 0, 55, 37]}]}","encoding":"JSON"},"endpointOutput":{"observedContentType":"application/json","mode":"OUTPUT","data":"{\\"predictions\\": [{\\"score\\": 0.9899773597717285, \\"predicted_label\\": 1}]}","encoding":"JSON"}},"eventMetadata":{"eventId":"7ddb2d7c-4d6a-4e67-a68e-23870399829d","inferenceTime":"2024-01-19T19:27:57Z"},"eventVersion":"0"}',
+    ),
+    (
+        dict(
+            request_body=b'{"features":[28,2,133937,9,13,2,0,0,4,1,15024,0,55,37]}\n{"features":[43,2,72338,12,14,2,12,0,1,1,0,0,40,37]}',
+            response_body=b'{"predicted_label":1,"score":0.989977359771728}\n{"predicted_label":1,"score":0.504138827323913}\n',
+            request_content_type="application/jsonlines",
+            response_content_type="application/jsonlines",
+            event_id="32aaea1b-1a60-4870-b81d-40271f950c4a",
+            inference_time=dt.datetime(2023, 1, 19, 5, 31, 46, 999000, tzinfo=UTC),
+        ),
+        '{"captureData":{"endpointInput":{"observedContentType":"application/jsonlines","mode":"INPUT","data":"{\\"features\\":[28,2,133937,9,13,2,0,0,4,1,15024,0,55,37]}\\n{\\"features\\":[43,2,72338,12,14,2,12,0,1,1,0,0,40,37]}","encoding":"JSON"},"endpointOutput":{"observedContentType":"application/jsonlines","mode":"OUTPUT","data":"{\\"predicted_label\\":1,\\"score\\":0.989977359771728}\\n{\\"predicted_label\\":1,\\"score\\":0.504138827323913}\\n","encoding":"JSON"}},"eventMetadata":{"eventId":"32aaea1b-1a60-4870-b81d-40271f950c4a","inferenceTime":"2023-01-19T05:31:46Z"},"eventVersion":"0"}',
+    ),
+    (
+        dict(
+            request_body=b'{"median_income": [7.9761, 5.2907]}',
+            response_body=b'{"median_house_value": [478046.66, 206551.01]}',
+            request_content_type="application/json",
+            response_content_type="text/html; charset=utf-8",
+            event_id="fffc6319-59a6-446f-b30f-46c6ed1aac64",
+            inference_id="c7f0edc0-9397-4cd3-a948-bd7b639da2f5",
+            inference_time=dt.datetime(2021, 9, 12, 8, 3, 35, 500000, tzinfo=UTC),
+        ),
+        '{"captureData":{"endpointInput":{"observedContentType":"application/json","mode":"INPUT","data":"{\\"median_income\\": [7.9761, 5.2907]}","encoding":"JSON"},"endpointOutput":{"observedContentType":"text/html; charset=utf-8","mode":"OUTPUT","data":"eyJtZWRpYW5faG91c2VfdmFsdWUiOiBbNDc4MDQ2LjY2LCAyMDY1NTEuMDFdfQ==","encoding":"BASE64"}},"eventMetadata":{"eventId":"fffc6319-59a6-446f-b30f-46c6ed1aac64","inferenceId":"c7f0edc0-9397-4cd3-a948-bd7b639da2f5","inferenceTime":"2021-09-12T08:03:35Z"},"eventVersion":"0"}',
+    ),
+]
+
+FILE_NAME = re.compile(
+    r"(\d\d)-(\d\d)-(\d{3})-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\.jsonl"
+)
+
+
+def csv_pair(i: int) -> dict[str, Any]:
+    return dict(
+        request_body=f"{i},0,159.3,66\n".encode(),
+        response_body=b"0.5",
+        request_content_type="text/csv",
+        response_content_type="text/csv",
+        inference_id=str(i),
+    )
+
+
+def capture_all(d: DaemonProcess, records: list[dict[str, Any]]) -> CaptureClient:
+    client = CaptureClient(d.socket_path)
+    for r in records:
+        body = {k: v for k, v in r.items() if k not in ("request_body", "response_body")}
+        assert client.capture(r["request_body"], r["response_body"], **body)
+    assert client.flush(timeout=10)
+    return client
+
+
+def test_spec_lines_byte_exact_in_hour_directories(daemon: DaemonProcess) -> None:
+    """Each spec line is reproduced byte for byte, in the directory of its own UTC hour,
+    in a file named after its first record's minute, second and millisecond."""
+    client = capture_all(daemon, [inputs for inputs, _ in SPEC_LINES])
+    client.close()
+    assert daemon.stop() == 0
+    files = daemon.delivered_files()
+    assert len(files) == 4
+    by_dir = {str(p.parent.relative_to(daemon.out_dir)): p for p in files}
+    assert sorted(by_dir) == [
+        "test-endpoint/AllTraffic/2021/05/18/00",
+        "test-endpoint/AllTraffic/2021/09/12/08",
+        "test-endpoint/AllTraffic/2023/01/19/05",
+        "test-endpoint/AllTraffic/2024/01/19/19",
+    ]
+    expected_names = {
+        "2021/05/18/00": ("29", "02", "731"),
+        "2021/09/12/08": ("03", "35", "500"),
+        "2023/01/19/05": ("31", "46", "999"),
+        "2024/01/19/19": ("27", "57", "000"),
+    }
+    for d, p in by_dir.items():
+        m = FILE_NAME.fullmatch(p.name)
+        assert m, p.name
+        assert m.groups() == expected_names[d.split("/", 2)[2]]
+    got = {line for p in files for line in p.read_text().splitlines()}
+    assert got == {line for _, line in SPEC_LINES}
+    for p in files:
+        assert p.read_bytes().endswith(b"\n")
+
+
+def test_records_in_two_hours_land_in_two_directories(daemon: DaemonProcess) -> None:
+    base = dt.datetime(2026, 3, 1, 10, 59, 59, tzinfo=UTC).timestamp()
+    records = [dict(csv_pair(i), inference_time=base + i * 0.25) for i in range(8)]  # 10:59:59 .. 11:00:00.75
+    capture_all(daemon, records).close()
+    assert daemon.stop() == 0
+    hours: dict[str, list[str]] = {}
+    for p in daemon.delivered_files():
+        for line in p.read_text().splitlines():
+            rec = json.loads(line)
+            hours.setdefault(p.parent.name, []).append(rec["eventMetadata"]["inferenceTime"])
+    assert sorted(hours) == ["10", "11"]
+    assert set(hours["10"]) == {"2026-03-01T10:59:59Z"}
+    assert len(hours["10"]) == 4 and len(hours["11"]) == 4
+
+
+def test_variant_names_and_generated_event_ids(daemon: DaemonProcess) -> None:
+    client = CaptureClient(daemon.socket_path)
+    client.capture(b"1", b"2", request_content_type="text/csv", response_content_type="text/csv")
+    client.capture(
+        b"1", b"2", request_content_type="text/csv", response_content_type="text/csv", variant_name="Canary-2"
+    )
+    assert client.flush()
+    client.close()
+    daemon.stop()
+    variants = sorted(str(p.relative_to(daemon.out_dir)).split("/")[1] for p in daemon.delivered_files())
+    assert variants == ["AllTraffic", "Canary-2"]
+    ids = [r["eventMetadata"]["eventId"] for r in daemon.delivered_lines()]
+    assert len(set(ids)) == 2 and all(re.fullmatch(r"[0-9a-f-]{36}", i) for i in ids)
+
+
+@pytest.mark.parametrize(("modes", "sides"), [("Input", {"endpointInput"}), ("Output", {"endpointOutput"})])
+def test_capture_options_through_the_daemon(daemon_factory: Any, modes: str, sides: set[str]) -> None:
+    d: DaemonProcess = daemon_factory()
+    d.write_config(
+        "[DataCaptureConfig]\nInitialSamplingPercentage = 100\n"
+        f'DestinationS3Uri = "file://{d.out_dir}"\n'
+        f'CaptureOptions = [{{ CaptureMode = "{modes}" }}]\n'
+        '[DataCaptureConfig.CaptureContentTypeHeader]\nCsvContentTypes = ["text/csv"]\n'
+    )
+    d.start()
+    capture_all(d, [csv_pair(i) for i in range(5)]).close()
+    d.stop()
+    lines = d.delivered_lines()
+    assert len(lines) == 5
+    assert all(set(r["captureData"]) == sides for r in lines)
+
+
+def test_without_content_type_header_everything_is_base64(daemon_factory: Any) -> None:
+    d: DaemonProcess = daemon_factory()
+    d.write_config(
+        "[DataCaptureConfig]\nInitialSamplingPercentage = 100\n"
+        f'DestinationS3Uri = "file://{d.out_dir}"\n'
+        'CaptureOptions = [{ CaptureMode = "InputAndOutput" }]\n'
+    )
+    d.start()
+    capture_all(d, [csv_pair(1)]).close()
+    d.stop()
+    (rec,) = d.delivered_lines()
+    assert rec["captureData"]["endpointInput"]["encoding"] == "BASE64"
+    assert rec["captureData"]["endpointOutput"]["encoding"] == "BASE64"
+
+
+@pytest.mark.parametrize("percentage", [0, 20, 100])
+def test_sampling(daemon_factory: Any, percentage: int) -> None:
+    n = 5000
+    d: DaemonProcess = daemon_factory(args=("--sampling-percentage", str(percentage)))
+    d.start()
+    capture_all(d, [csv_pair(i) for i in range(n)]).close()
+    status = d.status()
+    assert status["CurrentSamplingPercentage"] == percentage
+    counters = status["counters"]
+    assert counters["received"] == n
+    assert counters["written"] + counters["dropped"].get("sampled_out", 0) == n
+    d.stop()
+    written = len(d.delivered_lines())
+    assert written == counters["written"]
+    if percentage == 0:
+        assert written == 0
+    elif percentage == 100:
+        assert written == n
+    else:  # Binomial(5000, 0.2): sd 28.3; six sd either side
+        assert abs(written - 1000) < 170
+        # a request's input and output are kept or dropped together
+        assert all(set(r["captureData"]) == {"endpointInput", "endpointOutput"} for r in d.delivered_lines())
+
+
+def test_enable_capture_false_keeps_accepting_and_counting(daemon_factory: Any) -> None:
+    d: DaemonProcess = daemon_factory()
+    d.write_config(
+        "[DataCaptureConfig]\nEnableCapture = false\nInitialSamplingPercentage = 100\n"
+        f'DestinationS3Uri = "file://{d.out_dir}"\n'
+        'CaptureOptions = [{ CaptureMode = "Input" }]\n'
+    )
+    d.start()
+    capture_all(d, [csv_pair(i) for i in range(10)]).close()
+    status = d.status()
+    assert status["EnableCapture"] is False and status["CaptureStatus"] == "Stopped"
+    assert status["counters"] == {"received": 10, "written": 0, "dropped": {"capture_disabled": 10}}
+    d.stop()
+    assert d.delivered_files() == []
+
+
+def test_status_json_matches_what_was_sent(daemon: DaemonProcess) -> None:
+    capture_all(daemon, [csv_pair(i) for i in range(42)]).close()
+    out = subprocess.run(
+        [sys.executable, "-m", "captured", "status", "--socket", daemon.socket_path, "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    doc = json.loads(out.stdout)
+    assert doc["EnableCapture"] is True
+    assert doc["CaptureStatus"] == "Started"
+    assert doc["CurrentSamplingPercentage"] == 100
+    assert doc["DestinationS3Uri"] == f"file://{daemon.out_dir}"
+    assert doc["counters"] == {"received": 42, "written": 42, "dropped": {}}
+    text = subprocess.run(
+        [sys.executable, "-m", "captured", "status", "--config", str(daemon.config_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "CaptureStatus       Started" in text and "received 42, written 42" in text
+
+
+def test_flush_confirms_processing(daemon: DaemonProcess) -> None:
+    """After flush() returns True the daemon's counters already include every record."""
+    client = CaptureClient(daemon.socket_path)
+    for i in range(3000):
+        client.capture(**csv_pair(i))
+    assert client.flush(timeout=10)
+    assert daemon.status()["counters"]["written"] == 3000
+    stats = client.stats()
+    assert stats["captured"] == stats["sent"] == stats["acknowledged"] == 3000
+    assert stats["dropped"] == {}
+    client.close()
+    # the .part file already holds the lines (exactly what will be delivered)
+    part = b"".join(p.read_bytes() for p in daemon.spool_dir.glob("*.part"))
+    assert part.count(b"\n") == 3000
+
+
+def test_client_without_daemon_never_blocks_or_raises(short_tmp: Path) -> None:
+    client = CaptureClient(str(short_tmp / "absent.sock"), buffer_bytes=64 * 1024)
+    results = [client.capture(**csv_pair(i)) for i in range(5000)]
+    stats = client.stats()
+    assert stats["captured"] == 5000
+    assert results.count(False) == stats["dropped"]["buffer_full"] > 0
+    assert stats["acknowledged"] == 0
+    assert client.flush(timeout=0.2) is False
+    client.close(timeout=0.2)
+    assert client.capture(**csv_pair(0)) is False
+    assert client.stats()["dropped"]["closed"] >= 1
+
+
+def test_client_reconnects_after_a_daemon_restart(daemon: DaemonProcess) -> None:
+    client = CaptureClient(daemon.socket_path, reconnect_max_s=0.2)
+    capture_all_into = [client.capture(**csv_pair(i)) for i in range(10)]
+    assert all(capture_all_into) and client.flush()
+    daemon.stop()
+    daemon.start()
+    client.capture(**csv_pair(10))
+    wait_for(lambda: client.flush(timeout=1.0), timeout=15)
+    client.close()
+    assert daemon.status()["counters"]["written"] >= 1
+    daemon.stop()
+    ids = sorted(int(r["eventMetadata"]["inferenceId"]) for r in daemon.delivered_lines())
+    assert ids[:10] == list(range(10)) and ids[-1] == 10
+
+
+def _raw_records(n: int, start: int = 0) -> bytes:
+    from captured.record import batch_frames, prepare_record
+
+    recs = [
+        prepare_record(f"{i},1\n", "0", "text/csv", "text/csv", str(i), None, None, None, None, 1 << 20)
+        for i in range(start, start + n)
+    ]
+    return b"".join(f for f, _ in batch_frames([r for r, _ in recs], [s for _, s in recs], 16 * 1024))
+
+
+def test_shutdown_drains_what_clients_sent(daemon: DaemonProcess) -> None:
+    """Frames already written to the socket when SIGTERM arrives are read, written, sealed and
+    delivered before the daemon exits 0; nothing is left in the spool."""
+    n = 20000
+    data = _raw_records(n)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(daemon.socket_path)
+        s.sendall(data[: len(data) // 2])
+        daemon.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        s.sendall(data[len(data) // 2 :])
+        assert daemon.proc.wait(30) == 0  # type: ignore[union-attr]
+    assert len(daemon.delivered_lines()) == n
+    assert os.listdir(daemon.spool_dir) == []
+    assert "stopped: received 20000, written 20000" in daemon.log()
+
+
+def _read_error(s: socket.socket) -> str:
+    reader = frames.FrameReader()
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return ""
+        for kind, payload in reader.feed(data):
+            if kind == frames.Kind.ERROR:
+                return bytes(payload).decode()
+
+
+@pytest.mark.parametrize(
+    ("garbage", "reason", "message"),
+    [
+        (os.urandom(4096), "bad_header", "bad magic"),
+        (b"CP\x02\x01\x00\x00\x00\x02\x90\x90", "unsupported_version", "version 2 is not supported"),
+        (b"CP\x01\x01\xff\x00\x00\x00", "frame_too_large", "exceeds the maximum"),
+        (frames.frame(frames.Kind.BATCH, b"\xc1\xc1"), "bad_payload", "not an array"),
+        (frames.frame(frames.Kind.ACK, b"\x90"), "unexpected_kind", "may not send"),
+    ],
+)
+def test_protocol_violations_close_only_that_connection(
+    daemon: DaemonProcess, garbage: bytes, reason: str, message: str
+) -> None:
+    good = CaptureClient(daemon.socket_path)
+    good.capture(**csv_pair(1))
+    assert good.flush()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bad:
+        bad.connect(daemon.socket_path)
+        bad.sendall(garbage)
+        assert message in _read_error(bad)
+    good.capture(**csv_pair(2))
+    assert good.flush()
+    status = daemon.status()
+    assert status["ingest"]["protocol_errors"] == {reason: 1}
+    assert status["counters"]["written"] == 2
+    good.close()
+
+
+def test_records_with_a_wrong_schema_are_refused_one_by_one(daemon: DaemonProcess) -> None:
+    import msgspec
+
+    good = [b"1,2", b"3", "text/csv", "text/csv", 1700000000.0, None, "ok-1", None, None]
+    bad_type = [123, b"3", "text/csv", "text/csv", 1700000000.0]
+    bad_variant = [b"1", b"3", "text/csv", "text/csv", 1700000000.0, None, None, None, "../../etc"]
+    bad_time = [b"1", b"3", "text/csv", "text/csv", float("nan")]
+    too_long_id = [b"1", b"3", "text/csv", "text/csv", 1700000000.0, None, "x" * 65]
+    payload = msgspec.msgpack.encode([good, bad_type, bad_variant, bad_time, too_long_id])
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(daemon.socket_path)
+        s.sendall(frames.frame(frames.Kind.BATCH, payload) + frames.encode_frame(frames.Kind.FLUSH, (1,)))
+        reader = frames.FrameReader()
+        acks = wait_for(lambda: reader.feed(s.recv(4096)))
+        assert frames.ack_decoder.decode(acks[0][1]) == frames.Ack(1, 5)
+    counters = daemon.status()["counters"]
+    assert counters == {"received": 5, "written": 1, "dropped": {"invalid_record": 4}}
+    daemon.stop()
+    assert [r["eventMetadata"]["inferenceId"] for r in daemon.delivered_lines()] == ["ok-1"]
+    assert not (daemon.out_dir / "test-endpoint" / "..").resolve().joinpath("etc").exists()
+
+
+def test_a_crashed_run_is_recovered_at_start(daemon_factory: Any) -> None:
+    """A `.part` file with a torn last line, left by a killed daemon, is cut to whole lines,
+    sealed and delivered by the next start."""
+    d: DaemonProcess = daemon_factory()
+    d.start()
+    capture_all(d, [csv_pair(i) for i in range(100)]).close()
+    d.stop(signal.SIGKILL)
+    (part,) = d.spool_dir.glob("*.jsonl.part")
+    with open(part, "ab") as fh:
+        fh.write(b'{"captureData":{"endpointIn')
+    d.start()
+    wait_for(lambda: len(d.delivered_lines()) == 100)
+    d.stop()
+    assert [int(r["eventMetadata"]["inferenceId"]) for r in d.delivered_lines()] == list(range(100))
+    assert list(d.spool_dir.iterdir()) == []
+
+
+def test_embedded_default_runs_without_any_config(short_tmp: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNTIME_DIRECTORY", "STATE_DIRECTORY")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "captured", "serve"], cwd=short_tmp, env=env, stderr=subprocess.PIPE, text=True
+    )
+    sock = short_tmp / "captured-data" / "capture.sock"
+    try:
+        wait_for(lambda: sock.exists() and query_status(str(sock)), timeout=15)
+        with CaptureClient(str(sock)) as client:
+            client.capture(b"1,2", b"0", request_content_type="text/csv", response_content_type="text/csv")
+            assert client.flush()
+        status = query_status(str(sock))
+        assert status["EndpointName"] == "local-endpoint"
+        assert status["CurrentSamplingPercentage"] == 100
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert str(sock) in err and str(short_tmp / "captured-data" / "out") in err
+    (f,) = (short_tmp / "captured-data" / "out" / "local-endpoint" / "AllTraffic").rglob("*.jsonl")
+    rec = json.loads(f.read_text())
+    assert rec["captureData"]["endpointInput"]["encoding"] == "CSV"
+
+
+def test_serve_refuses_an_invalid_config_before_doing_anything(short_tmp: Path) -> None:
+    cfg = short_tmp / "bad.toml"
+    cfg.write_text(
+        f'endpoint_name = "bad_name"\nsocket_path = "{short_tmp}/s.sock"\n'
+        "[DataCaptureConfig]\nInitialSamplingPercentage = 101\n"
+        'DestinationS3Uri = "https://bucket.s3.amazonaws.com/x"\n'
+        'CaptureOptions = [{ CaptureMode = "Input" }]\n'
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "captured", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    problems = out.stderr.strip().splitlines()
+    assert len(problems) == 3
+    assert any("endpoint_name" in p and "bad_name" in p for p in problems)
+    assert any("InitialSamplingPercentage" in p and "101" in p for p in problems)
+    assert any("DestinationS3Uri" in p and "s3://" in p for p in problems)
+    assert not (short_tmp / "s.sock").exists()
+
+
+def test_check_prints_the_effective_configuration(short_tmp: Path) -> None:
+    dcc = short_tmp / "endpoint-config.json"
+    dcc.write_text(
+        json.dumps(
+            {
+                "EndpointConfigName": "churn-config",
+                "ProductionVariants": [{"VariantName": "AllTraffic", "ModelName": "m"}],
+                "DataCaptureConfig": {
+                    "EnableCapture": True,
+                    "InitialSamplingPercentage": 20,
+                    "DestinationS3Uri": "s3://my-bucket/datacapture/",
+                    "CaptureOptions": [{"CaptureMode": "REQUEST"}, {"CaptureMode": "RESPONSE"}],
+                    "CaptureContentTypeHeader": {"CsvContentTypes": ["text/csv"]},
+                },
+            }
+        )
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "captured",
+            "check",
+            "--data-capture-config",
+            str(dcc),
+            "--socket",
+            str(short_tmp / "x.sock"),
+            "--spool-dir",
+            str(short_tmp / "spool"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=short_tmp,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "InitialSamplingPercentage = 20" in out.stdout
+    assert "s3://my-bucket/datacapture/" in out.stdout
+    assert 'CaptureMode = "Input"' in out.stdout and 'CaptureMode = "Output"' in out.stdout
+    assert not (short_tmp / "spool").exists()  # check changes nothing

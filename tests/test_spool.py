@@ -1,0 +1,147 @@
+"""Hourly spool files: naming, sealing rules (with injected clocks), torn-line recovery."""
+
+from __future__ import annotations
+
+import calendar
+import os
+import re
+from pathlib import Path
+
+from captured.config import SpoolConfig
+from captured.spool import Spool, file_stem, object_key, recover_part
+
+UUID = "08d6d8b9-c7ac-4427-93a1-5eece415565d"
+T0 = calendar.timegm((2021, 5, 18, 0, 28, 4)) + 0.146  # 2021-05-18T00:28:04.146Z
+
+
+class Clock:
+    def __init__(self, wall: float, mono: float = 1000.0) -> None:
+        self.wall = wall
+        self.mono = mono
+
+    def advance(self, s: float) -> None:
+        self.wall += s
+        self.mono += s
+
+
+def make_spool(tmp_path: Path, clock: Clock, **cfg: float) -> tuple[Spool, list[tuple[str, int]]]:
+    sealed: list[tuple[str, int]] = []
+    spool = Spool(
+        str(tmp_path),
+        "churn-endpoint",
+        SpoolConfig(**cfg),  # type: ignore[arg-type]
+        lambda p, n: sealed.append((p, n)),
+        clock=lambda: clock.wall,
+        monotonic=lambda: clock.mono,
+    )
+    return spool, sealed
+
+
+def lines(n: int, width: int = 10) -> bytes:
+    return b"".join(b"x" * (width - 1) + b"\n" for _ in range(n))
+
+
+def test_file_stem_and_object_key() -> None:
+    stem = file_stem("churn-endpoint", "AllTraffic", int(T0) // 3600, T0, UUID)
+    assert stem == f"churn-endpoint.AllTraffic.2021-05-18-00.28-04-146-{UUID}"
+    assert object_key(stem + ".jsonl") == f"churn-endpoint/AllTraffic/2021/05/18/00/28-04-146-{UUID}.jsonl"
+
+
+def test_write_then_seal_on_age(tmp_path: Path) -> None:
+    clock = Clock(T0)
+    spool, sealed = make_spool(tmp_path, clock, max_file_age_s=60)
+    hour = int(T0) // 3600
+    spool.write("AllTraffic", hour, T0, lines(3))
+    (part,) = os.listdir(tmp_path)
+    assert part.endswith(".jsonl.part")
+    clock.advance(59)
+    spool.tick()
+    assert not sealed
+    clock.advance(1)
+    spool.tick()
+    assert len(sealed) == 1
+    path, size = sealed[0]
+    assert size == 30 and Path(path).read_bytes() == lines(3)
+    assert re.fullmatch(
+        r"churn-endpoint\.AllTraffic\.2021-05-18-00\.28-04-146-[0-9a-f-]{36}\.jsonl", os.path.basename(path)
+    )
+    assert os.listdir(tmp_path) == [os.path.basename(path)]
+
+
+def test_seal_when_the_hour_ends(tmp_path: Path) -> None:
+    clock = Clock(calendar.timegm((2021, 5, 18, 0, 59, 58)))
+    spool, sealed = make_spool(tmp_path, clock, max_file_age_s=3600)
+    spool.write("AllTraffic", int(clock.wall) // 3600, clock.wall, lines(1))
+    clock.advance(1.5)
+    spool.tick()
+    assert not sealed
+    clock.advance(1)  # 01:00:00.5
+    spool.tick()
+    assert len(sealed) == 1
+
+
+def test_late_record_goes_to_its_own_hour(tmp_path: Path) -> None:
+    clock = Clock(calendar.timegm((2021, 5, 18, 1, 0, 5)))
+    spool, sealed = make_spool(tmp_path, clock)
+    late = calendar.timegm((2021, 5, 18, 0, 59, 59))
+    spool.write("AllTraffic", int(late) // 3600, late, lines(1))
+    spool.write("AllTraffic", int(clock.wall) // 3600, clock.wall, lines(1))
+    assert spool.open_files == 2
+    spool.tick()  # the 00 hour has ended: its file is sealed at once
+    assert [os.path.basename(p).split(".")[2] for p, _ in sealed] == ["2021-05-18-00"]
+    spool.seal_all()
+    assert len(sealed) == 2
+
+
+def test_size_limit_splits_at_line_boundaries(tmp_path: Path) -> None:
+    clock = Clock(T0)
+    spool, sealed = make_spool(tmp_path, clock, max_file_bytes=1024)
+    data = lines(250)  # 2500 bytes of 10-byte lines
+    spool.write("AllTraffic", int(T0) // 3600, T0, data)
+    spool.seal_all()
+    sizes = [n for _, n in sealed]
+    assert sizes == [1020, 1020, 460]
+    assert b"".join(Path(p).read_bytes() for p, _ in sealed) == data
+    for p, _ in sealed:
+        assert Path(p).read_bytes().endswith(b"\n")
+
+
+def test_a_line_larger_than_the_limit_gets_a_file_of_its_own(tmp_path: Path) -> None:
+    clock = Clock(T0)
+    spool, sealed = make_spool(tmp_path, clock, max_file_bytes=1024)
+    hour = int(T0) // 3600
+    spool.write("AllTraffic", hour, T0, lines(1))
+    spool.write("AllTraffic", hour, T0, lines(1, width=3000) + lines(1))
+    spool.seal_all()
+    assert [n for _, n in sealed] == [10, 3000, 10]
+
+
+def test_variants_get_separate_files(tmp_path: Path) -> None:
+    clock = Clock(T0)
+    spool, sealed = make_spool(tmp_path, clock)
+    hour = int(T0) // 3600
+    spool.write("AllTraffic", hour, T0, lines(1))
+    spool.write("Canary", hour, T0, lines(2))
+    spool.seal_all()
+    keys = sorted(object_key(p).split("/")[1] for p, _ in sealed)
+    assert keys == ["AllTraffic", "Canary"]
+
+
+def test_empty_file_is_never_sealed(tmp_path: Path) -> None:
+    clock = Clock(T0)
+    spool, sealed = make_spool(tmp_path, clock)
+    spool.write("AllTraffic", int(T0) // 3600, T0, b"")
+    spool.seal_all()
+    assert sealed == [] and os.listdir(tmp_path) == []
+
+
+def test_recover_part_cuts_a_torn_last_line(tmp_path: Path) -> None:
+    p = tmp_path / "x.jsonl.part"
+    p.write_bytes(lines(3) + b'{"torn')
+    assert recover_part(str(p)) == 30
+    assert p.read_bytes() == lines(3)
+    p.write_bytes(b"no newline at all")
+    assert recover_part(str(p)) == 0
+    big = lines(20000) + b"x" * 70000  # torn tail longer than one read block
+    p.write_bytes(big)
+    assert recover_part(str(p)) == 200000
