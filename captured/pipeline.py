@@ -16,7 +16,7 @@ import msgspec
 
 from . import frames
 from .config import Config, valid_name
-from .encode import MAX_EPOCH_S, Line, LineEncoder, new_event_ids
+from .encode import LineEncoder
 from .logs import RateLimited
 from .sample import sample
 from .spool import Spool
@@ -28,6 +28,9 @@ SAMPLED_OUT = "sampled_out"
 CAPTURE_DISABLED = "capture_disabled"
 INVALID_RECORD = "invalid_record"
 WRITE_ERROR = "write_error"
+
+#: Distinct variant names the daemon accepts over its lifetime (each may hold open files).
+MAX_VARIANTS = 256
 
 
 @dataclass(slots=True)
@@ -80,55 +83,34 @@ class Pipeline:
         return received
 
     def _write(self, records: list[frames.Record]) -> None:
-        enc = self.encoder
-        line = enc.line
-        default_variant = self.default_variant
-        valid_variants = self._valid_variants
-        ids = new_event_ids(len(records))
-        groups: dict[tuple[str, int], tuple[float, list[Line]]] = {}
-        invalid = 0
-        for i, r in enumerate(records):
-            t = r.inference_time
-            if not 0.0 <= t < MAX_EPOCH_S:  # also false for NaN
-                invalid += 1
-                continue
-            variant = r.variant_name
-            if variant is None:
-                variant = default_variant
-            elif variant not in valid_variants:
-                if not valid_name(variant) or len(valid_variants) > 1024:
-                    invalid += 1
-                    continue
-                valid_variants.add(variant)
-            second = int(t)
-            key = (variant, second // 3600)
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = (t, [])
-            group[1].append(
-                line(
-                    request=r.request,
-                    response=r.response,
-                    request_content_type=r.request_content_type,
-                    response_content_type=r.response_content_type,
-                    second=second,
-                    event_id=r.event_id or ids[i],
-                    inference_id=r.inference_id,
-                    custom_attributes=r.custom_attributes,
-                )
-            )
         c = self.counters
+        groups, invalid = self.encoder.group_lines(records, self.default_variant, self._variant_ok)
         if invalid:
             c.drop(INVALID_RECORD, invalid)
             self._warn.warning("invalid", "refused %d record(s): bad inferenceTime or variant name", invalid)
-        for (variant, hour), (first_time, lines) in groups.items():
+        for (variant, hour), group in groups.items():
             try:
-                self.spool.write(variant, hour, first_time, enc.encode(lines))
+                self.spool.write(variant, hour, group.first_time, self.encoder.encode(group.lines))
             except OSError as exc:
-                c.drop(WRITE_ERROR, len(lines))
-                self._warn.warning("write", "spool write failed, %d record(s) dropped: %s", len(lines), exc)
+                c.drop(WRITE_ERROR, len(group.lines))
+                self._warn.warning(
+                    "write", "spool write failed, %d record(s) dropped: %s", len(group.lines), exc
+                )
                 continue
-            c.written += len(lines)
+            c.written += len(group.lines)
+
+    def _variant_ok(self, name: str) -> bool:
+        """Variant names become path components: SageMaker's pattern, remembered once seen.
+
+        At most `MAX_VARIANTS` distinct names are admitted, so a client cannot grow the set
+        (and the number of open files) without bound.
+        """
+        if name in self._valid_variants:
+            return True
+        if len(self._valid_variants) >= MAX_VARIANTS or not valid_name(name):
+            return False
+        self._valid_variants.add(name)
+        return True
 
     def _decode_salvaging(self, payload: memoryview | bytes) -> tuple[list[frames.Record], int]:
         """A batch with bad records: keep the valid ones, count the others."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from typing import Any
 
 import msgspec
 import pytest
@@ -20,6 +21,7 @@ from captured.encode import (
     media_type,
     new_event_ids,
 )
+from captured.frames import Record
 
 
 def dcc(
@@ -36,27 +38,29 @@ def dcc(
     )
 
 
+def record(
+    req: bytes | None, resp: bytes | None, req_ct: str | None, resp_ct: str | None, **kw: Any
+) -> Record:
+    return Record(req, resp, req_ct, resp_ct, kw.pop("t", 1621297742.5), **kw)
+
+
+def encode_many(enc: LineEncoder, records: list[Record]) -> bytes:
+    groups, invalid = enc.group_lines(records, "AllTraffic", lambda v: v == "Canary")
+    assert invalid == 0
+    return b"".join(enc.encode(g.lines) for g in groups.values())
+
+
 def encode_one(
     enc: LineEncoder,
     req: bytes | None,
     resp: bytes | None,
     req_ct: str | None,
     resp_ct: str | None,
-    **kw: object,
-) -> dict[str, object]:
-    line = enc.line(
-        request=req,
-        response=resp,
-        request_content_type=req_ct,
-        response_content_type=resp_ct,
-        second=int(kw.get("second", 1621297742)),  # type: ignore[call-overload]
-        event_id=str(kw.get("event_id", "e")),
-        inference_id=kw.get("inference_id"),  # type: ignore[arg-type]
-        custom_attributes=kw.get("custom_attributes"),  # type: ignore[arg-type]
-    )
-    raw = enc.encode([line])
+    **kw: Any,
+) -> dict[str, Any]:
+    raw = encode_many(enc, [record(req, resp, req_ct, resp_ct, **kw)])
     assert raw.endswith(b"\n") and raw.count(b"\n") == 1
-    out: dict[str, object] = json.loads(raw)
+    out: dict[str, Any] = json.loads(raw)
     return out
 
 
@@ -82,10 +86,10 @@ def test_no_content_type_header_means_base64_everywhere() -> None:
     assert choose_encoding("text/csv", None, None) == BASE64
     enc = LineEncoder(dcc(header=False))
     rec = encode_one(enc, b"1,2", b"{}", "text/csv", "application/json")
-    sides = rec["captureData"]  # type: ignore[index]
-    assert sides["endpointInput"]["encoding"] == BASE64  # type: ignore[index]
-    assert sides["endpointInput"]["data"] == base64.b64encode(b"1,2").decode()  # type: ignore[index]
-    assert sides["endpointOutput"]["encoding"] == BASE64  # type: ignore[index]
+    sides = rec["captureData"]
+    assert sides["endpointInput"]["encoding"] == BASE64
+    assert sides["endpointInput"]["data"] == base64.b64encode(b"1,2").decode()
+    assert sides["endpointOutput"]["encoding"] == BASE64
 
 
 def test_only_csv_list_given() -> None:
@@ -102,29 +106,29 @@ def test_csv_body_that_is_not_utf8_is_base64() -> None:
     enc = LineEncoder(dcc())
     body = b"caf\xe9,1\n"  # latin-1
     rec = encode_one(enc, body, b"0.5", "text/csv", "text/csv")
-    inp = rec["captureData"]["endpointInput"]  # type: ignore[index]
+    inp = rec["captureData"]["endpointInput"]
     assert inp == {
         "observedContentType": "text/csv",
         "mode": "INPUT",
         "data": base64.b64encode(body).decode(),
         "encoding": BASE64,
     }
-    assert base64.b64decode(inp["data"]) == body  # type: ignore[index]
+    assert base64.b64decode(inp["data"]) == body
 
 
 def test_missing_content_type_is_null_and_base64() -> None:
     enc = LineEncoder(dcc())
     rec = encode_one(enc, b"\x00\x01", None, None, None)
-    inp = rec["captureData"]["endpointInput"]  # type: ignore[index]
-    assert inp["observedContentType"] is None and inp["encoding"] == BASE64  # type: ignore[index]
-    assert "endpointOutput" not in rec["captureData"]  # type: ignore[operator]
+    inp = rec["captureData"]["endpointInput"]
+    assert inp["observedContentType"] is None and inp["encoding"] == BASE64
+    assert "endpointOutput" not in rec["captureData"]
 
 
 def test_json_text_is_kept_verbatim_with_trailing_newline() -> None:
     enc = LineEncoder(dcc())
     body = '{"a": "é\\n", "b": [1, 2]}\n'.encode()
     rec = encode_one(enc, body, body, "application/json", "application/json")
-    assert rec["captureData"]["endpointInput"]["data"] == body.decode()  # type: ignore[index]
+    assert rec["captureData"]["endpointInput"]["data"] == body.decode()
 
 
 @pytest.mark.parametrize(
@@ -138,23 +142,22 @@ def test_json_text_is_kept_verbatim_with_trailing_newline() -> None:
 )
 def test_capture_options_decide_the_sides(modes: tuple[str, ...], has_in: bool, has_out: bool) -> None:
     rec = encode_one(LineEncoder(dcc(modes=modes)), b"1", b"2", "text/csv", "text/csv")
-    assert ("endpointInput" in rec["captureData"]) is has_in  # type: ignore[operator]
-    assert ("endpointOutput" in rec["captureData"]) is has_out  # type: ignore[operator]
+    assert ("endpointInput" in rec["captureData"]) is has_in
+    assert ("endpointOutput" in rec["captureData"]) is has_out
 
 
 def test_key_order_and_optional_metadata() -> None:
     enc = LineEncoder(dcc())
-    line = enc.line(
-        request=b"41,0,159.3,66\n",
-        response=b"0.01216088142246008",
-        request_content_type="text/csv",
-        response_content_type="text/csv; charset=utf-8",
-        second=1621297742,
+    rec = record(
+        b"41,0,159.3,66\n",
+        b"0.01216088142246008",
+        "text/csv",
+        "text/csv; charset=utf-8",
+        t=1621297742.731,
         event_id="a727dc55-cbe1-498c-bcb9-9c12eea02b44",
         inference_id="58",
-        custom_attributes=None,
     )
-    assert enc.encode([line]) == (
+    assert encode_many(enc, [rec]) == (
         b'{"captureData":{"endpointInput":{"observedContentType":"text/csv","mode":"INPUT",'
         b'"data":"41,0,159.3,66\\n","encoding":"CSV"},"endpointOutput":{"observedContentType":'
         b'"text/csv; charset=utf-8","mode":"OUTPUT","data":"0.01216088142246008","encoding":"CSV"}},'
@@ -162,9 +165,30 @@ def test_key_order_and_optional_metadata() -> None:
         b'"inferenceTime":"2021-05-18T00:29:02Z"},"eventVersion":"0"}\n'
     )
     with_attrs = encode_one(enc, b"1", b"2", "text/csv", "text/csv", custom_attributes="trace=abc")
-    assert list(with_attrs["eventMetadata"]) == ["eventId", "customAttributes", "inferenceTime"]  # type: ignore[arg-type]
+    assert list(with_attrs["eventMetadata"]) == ["eventId", "customAttributes", "inferenceTime"]
     bare = encode_one(enc, b"1", b"2", "text/csv", "text/csv")
-    assert list(bare["eventMetadata"]) == ["eventId", "inferenceTime"]  # type: ignore[arg-type]
+    assert list(bare["eventMetadata"]) == ["eventId", "inferenceTime"]
+
+
+def test_grouping_by_variant_and_hour_and_refusals() -> None:
+    enc = LineEncoder(dcc())
+    recs = [
+        record(b"1", None, "text/csv", None, t=7199.9),
+        record(b"2", None, "text/csv", None, t=7200.0),
+        record(b"3", None, "text/csv", None, t=7200.5, variant_name="Canary"),
+        record(b"4", None, "text/csv", None, t=7201.0),
+        record(b"5", None, "text/csv", None, t=float("nan")),
+        record(b"6", None, "text/csv", None, t=-1.0),
+        record(b"7", None, "text/csv", None, t=7201.0, variant_name="Other"),
+    ]
+    groups, invalid = enc.group_lines(recs, "AllTraffic", lambda v: v == "Canary")
+    assert invalid == 3
+    assert {k: len(g.lines) for k, g in groups.items()} == {
+        ("AllTraffic", 1): 1,
+        ("AllTraffic", 2): 2,
+        ("Canary", 2): 1,
+    }
+    assert groups[("AllTraffic", 2)].first_time == 7200.0
 
 
 def test_format_time() -> None:
@@ -182,20 +206,7 @@ def test_event_ids_are_random_uuid4() -> None:
 
 def test_lines_are_compact_and_one_per_record() -> None:
     enc = LineEncoder(dcc())
-    lines = [
-        enc.line(
-            request=b"a\nb",
-            response=None,
-            request_content_type="text/csv",
-            response_content_type=None,
-            second=5,
-            event_id=str(i),
-            inference_id=None,
-            custom_attributes=None,
-        )
-        for i in range(3)
-    ]
-    raw = enc.encode(lines)
+    raw = encode_many(enc, [record(b"a\nb", None, "text/csv", None, event_id=str(i)) for i in range(3)])
     assert raw.count(b"\n") == 3  # newlines inside data are escaped
     assert b" " not in raw
     assert [msgspec.json.decode(x)["eventMetadata"]["eventId"] for x in raw.splitlines()] == ["0", "1", "2"]
