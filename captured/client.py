@@ -48,6 +48,9 @@ BUFFER_FULL = "buffer_full"
 CLOSED = "closed"
 REJECTED = "rejected_by_daemon"
 
+#: After close(): how long the I/O thread still tries to write what is left.
+CLOSE_GRACE_S = 0.5
+
 
 class _Flush:
     __slots__ = ("done", "ok", "seq")
@@ -152,8 +155,8 @@ class CaptureClient:
     def flush(self, timeout: float = 5.0) -> bool:
         """True once the daemon confirmed it processed every record captured before this call."""
         with self._lock:
-            if self._closed and not self._thread.is_alive():
-                return not self._pending
+            if self._closed:
+                return False
             self._next_seq += 1
             f = _Flush(self._next_seq)
             self._flushes.append(f)
@@ -234,6 +237,7 @@ class _IOLoop:
 
     def run(self) -> None:
         c = self.c
+        give_up_at: float | None = None
         while True:
             closing = self._take()
             if closing and not self.outq and not self.awaiting:
@@ -250,9 +254,12 @@ class _IOLoop:
             else:
                 timeout = max(0.0, self.next_connect - time.monotonic())
             if closing:
+                # close() already waited for its flush; allow one last short attempt, no more.
+                if give_up_at is None:
+                    give_up_at = time.monotonic() + CLOSE_GRACE_S
+                if self.sock is None or time.monotonic() >= give_up_at:
+                    break
                 timeout = 0.05 if timeout is None else min(timeout, 0.05)
-                if self.sock is None:
-                    break  # closing and the daemon is unreachable: give up what is left
             r, w, _ = select.select(rlist, wlist, [], timeout)
             if c._wake_r in r:
                 with contextlib.suppress(BlockingIOError):

@@ -18,6 +18,7 @@ of its hour, when it has been open `max_file_age_s`, or before a write would tak
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -146,9 +147,15 @@ class Spool:
 
     def _write_all(self, f: OpenFile, chunk: bytes) -> None:
         view = memoryview(chunk)
-        while view:
-            n = os.write(f.fd, view)
-            view = view[n:]
+        try:
+            while view:
+                n = os.write(f.fd, view)
+                view = view[n:]
+        except OSError:
+            # ENOSPC or EIO part-way: cut the file back so it still holds whole lines only.
+            with contextlib.suppress(OSError):
+                os.ftruncate(f.fd, f.size)
+            raise
         f.size += len(chunk)
         self.bytes_written += len(chunk)
 

@@ -486,3 +486,35 @@ def test_check_prints_the_effective_configuration(short_tmp: Path) -> None:
     assert "s3://my-bucket/datacapture/" in out.stdout
     assert 'CaptureMode = "Input"' in out.stdout and 'CaptureMode = "Output"' in out.stdout
     assert not (short_tmp / "spool").exists()  # check changes nothing
+
+
+def test_a_stalled_daemon_never_blocks_the_caller(daemon: DaemonProcess) -> None:
+    """SIGSTOP the daemon: capture() keeps returning, the bounded buffer drops and counts; after
+    SIGCONT everything that was buffered is delivered and flush() confirms it."""
+    client = CaptureClient(daemon.socket_path, buffer_bytes=256 * 1024)
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        results = [client.capture(**csv_pair(i)) for i in range(30000)]
+        assert client.flush(timeout=0.2) is False
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    stats = client.stats()
+    dropped = stats["dropped"].get("buffer_full", 0)
+    assert dropped == results.count(False) > 0
+    assert wait_for(lambda: client.flush(timeout=2.0), timeout=30)
+    stats = client.stats()
+    assert stats["acknowledged"] == stats["captured"] - dropped == results.count(True)
+    assert daemon.status()["counters"]["written"] == results.count(True)
+    client.close()
+
+
+def test_the_sample_service_config_is_valid() -> None:
+    sample = Path(__file__).resolve().parent.parent / "systemd" / "captured.toml"
+    out = subprocess.run(
+        [sys.executable, "-m", "captured", "check", "--config", str(sample)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
