@@ -34,19 +34,21 @@ import msgspec
 
 from . import frames
 from .config import SIX_MIB
-from .record import Body, RecordTuple, batch_frames, prepare_record
+from .record import (
+    BUFFER_FULL,
+    CLOSED,
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_BUFFER_BYTES,
+    DEFAULT_SOCKET_PATH,
+    REJECTED,
+    Body,
+    RecordTuple,
+    batch_frames,
+    prepare_record,
+)
 
 log = logging.getLogger("captured.client")
 
-DEFAULT_SOCKET_PATH = "/run/captured/capture.sock"
-DEFAULT_BUFFER_BYTES = 8 * 1024 * 1024
-DEFAULT_BATCH_BYTES = 256 * 1024
-
-
-# Client-side drop reasons.
-BUFFER_FULL = "buffer_full"
-CLOSED = "closed"
-REJECTED = "rejected_by_daemon"
 
 #: After close(): how long the I/O thread still tries to write what is left.
 CLOSE_GRACE_S = 0.5
@@ -104,6 +106,7 @@ class CaptureClient:
         self._closed = False
         self._wake_armed = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._io: _IOLoop | None = None
         self._thread = threading.Thread(target=self._io_loop, name="captured-client", daemon=True)
         self._thread.start()
 
@@ -202,7 +205,8 @@ class CaptureClient:
 
     def _io_loop(self) -> None:
         try:
-            _IOLoop(self).run()
+            self._io = _IOLoop(self)
+            self._io.run()
         except Exception:  # never let the thread die silently
             log.exception("captured client I/O thread failed")
         finally:
@@ -316,7 +320,6 @@ class _IOLoop:
         self.offset = 0
         self.conn_records = self.conn_acked = 0
         self.backoff = 0.05
-        self.errors_logged.clear()
 
     def _write(self) -> None:
         assert self.sock is not None
@@ -364,6 +367,7 @@ class _IOLoop:
             self._disconnect(exc)
 
     def _on_ack(self, ack: frames.Ack) -> None:
+        self.errors_logged.clear()  # a healthy exchange: report the next failure again
         with self.c._lock:
             self.c._acknowledged += ack.records - self.conn_acked
         self.conn_acked = ack.records
@@ -394,21 +398,35 @@ class _IOLoop:
             log.warning("captured client: %s", exc)
         # A partly written frame goes out again whole on the next connection.
         self.offset = 0
-        # Records written but not acknowledged may be lost with the connection: flushes that
-        # covered them cannot be confirmed.
+        # Records written but not acknowledged may be lost with the connection: no flush made
+        # before now can be confirmed, whether its FLUSH frame was written, queued or not yet
+        # taken from the caller. Without such records, written FLUSHes are confirmed already.
         uncertain = self.conn_records > self.conn_acked
         for f in self.awaiting:
-            f.ok = not uncertain and f.ok
+            f.ok = not uncertain
             f.done.set()
         self.awaiting.clear()
+        if uncertain:
+            self._fail_flushes()
         delay = self.c._reconnect_max_s if slow else self.backoff
         self.next_connect = time.monotonic() + delay
         if exc is not None and getattr(exc, "errno", None) not in (None, errno.EPIPE, errno.ECONNRESET):
             self._log_once(f"io:{exc}", "connection to the capture daemon lost: %s", exc)
 
+    def _fail_flushes(self) -> None:
+        """Resolve every flush not yet confirmed as failed and drop its queued FLUSH frame."""
+        queued = [f for _, _, f in self.outq if f is not None]
+        self.outq = deque(item for item in self.outq if item[2] is None)
+        with self.c._lock:
+            queued += self.c._flushes
+            self.c._flushes = []
+        for f in queued:
+            f.ok = False
+            f.done.set()
+
     def _log_once(self, key: str, msg: str, *args: object) -> None:
-        """One line per distinct cause until the next successful connection."""
-        if key not in self.errors_logged:
+        """One line per distinct cause until the daemon acknowledges something again."""
+        if key not in self.errors_logged and len(self.errors_logged) < 64:
             self.errors_logged.add(key)
             log.warning(msg, *args)
 
@@ -417,8 +435,16 @@ _live_clients: weakref.WeakSet[CaptureClient] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    # A thread does not survive fork(): give each inherited client fresh state and a thread.
+    # A thread does not survive fork(): give each inherited client fresh state and a thread,
+    # and close the descriptors the parent's I/O thread owned (they are the parent's now).
     for client in list(_live_clients):
+        io = client._io
+        if io is not None and io.sock is not None:
+            with contextlib.suppress(OSError):
+                io.sock.close()  # close(2) only drops the child's copy; the parent's stays up
+        for fd in (client._wake_r, client._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         client._start()
 
 

@@ -27,13 +27,11 @@ import msgspec
 
 from .config import DataCaptureConfig
 from .frames import Record
+from .record import MAX_EPOCH_S
 
 CSV = "CSV"
 JSON = "JSON"
 BASE64 = "BASE64"
-
-#: Upper bound (exclusive) on epoch seconds we accept: year 10000, where ISO-8601 ends.
-MAX_EPOCH_S = 253402300800.0
 
 
 class Side(msgspec.Struct, gc=False):

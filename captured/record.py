@@ -18,6 +18,17 @@ from .config import valid_name
 Body = bytes | bytearray | memoryview | str | None
 RecordTuple = tuple[Any, ...]
 
+DEFAULT_SOCKET_PATH = "/run/captured/capture.sock"
+DEFAULT_BUFFER_BYTES = 8 * 1024 * 1024
+DEFAULT_BATCH_BYTES = 256 * 1024
+#: Upper bound (exclusive) on epoch seconds: year 10000, where ISO-8601 ends.
+MAX_EPOCH_S = 253402300800.0
+
+# Client-side drop reasons.
+BUFFER_FULL = "buffer_full"
+CLOSED = "closed"
+REJECTED = "rejected_by_daemon"
+
 #: Fixed per-record overhead in the buffer accounting (tuple, time, MessagePack framing).
 RECORD_OVERHEAD = 64
 
@@ -55,13 +66,16 @@ def _epoch(value: object) -> float:
     if isinstance(value, _dt.datetime):
         if value.tzinfo is None:  # SageMaker times are UTC; a naive datetime is taken as UTC
             value = value.replace(tzinfo=_dt.UTC)
-        return value.timestamp()
-    if isinstance(value, int | float) and not isinstance(value, bool):
+        t = value.timestamp()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
         t = float(value)
-        if not 0.0 <= t < 253402300800.0:
-            raise ValueError(f"inference_time {value!r} is outside years 1970..9999")
-        return t
-    raise TypeError(f"inference_time must be a datetime, epoch seconds or None, not {type(value).__name__}")
+    else:
+        raise TypeError(
+            f"inference_time must be a datetime, epoch seconds or None, not {type(value).__name__}"
+        )
+    if not 0.0 <= t < MAX_EPOCH_S:
+        raise ValueError(f"inference_time {value!r} is outside years 1970..9999")
+    return t
 
 
 def prepare_record(

@@ -1,0 +1,96 @@
+"""CaptureClient: argument validation, fork safety, flush after close."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from typing import Any
+
+import pytest
+from conftest import DaemonProcess
+
+from captured import CaptureClient
+from captured.record import prepare_record
+
+
+def prep(**kw: Any) -> tuple[Any, ...]:
+    args: dict[str, Any] = dict(
+        request_body=b"1",
+        response_body=b"2",
+        request_content_type="text/csv",
+        response_content_type="text/csv",
+        inference_id=None,
+        custom_attributes=None,
+        variant_name=None,
+        event_id=None,
+        inference_time=1.0,
+        max_body_bytes=100,
+    )
+    args.update(kw)
+    return prepare_record(**args)[0]
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "match"),
+    [
+        (dict(request_body=123), TypeError, "request_body must be bytes, str or None"),
+        (dict(response_body=b"x" * 101), ValueError, "101 bytes; the maximum is 100"),
+        (dict(inference_id="x" * 65), ValueError, "inference_id is 65 characters"),
+        (dict(inference_id=" x"), ValueError, "first not a space"),
+        (dict(inference_id=""), ValueError, "1..64 printable"),
+        (dict(custom_attributes="é"), ValueError, "ASCII"),
+        (dict(custom_attributes="a" * 1025), ValueError, "maximum is 1024"),
+        (dict(variant_name="../../etc"), ValueError, "does not match"),
+        (dict(request_content_type=b"text/csv"), TypeError, "must be str or None"),
+        (dict(inference_time="now"), TypeError, "inference_time must be"),
+        (dict(inference_time=True), TypeError, "inference_time must be"),
+        (dict(inference_time=-1), ValueError, "outside years 1970..9999"),
+        (dict(inference_time=dt.datetime(1960, 1, 1, tzinfo=dt.UTC)), ValueError, "outside years"),
+    ],
+)
+def test_programming_errors_raise(kw: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        prep(**kw)
+
+
+def test_bodies_are_normalised_to_bytes() -> None:
+    rec = prep(request_body="é,\ud800", response_body=bytearray(b"ab"))
+    assert rec[0] == "é,\ud800".encode("utf-8", "surrogatepass")  # not UTF-8: the daemon uses BASE64
+    assert rec[1] == b"ab" and type(rec[1]) is bytes
+    assert prep(request_body=memoryview(b"xy"))[0] == b"xy"
+
+
+def test_naive_datetimes_are_utc() -> None:
+    naive = dt.datetime(2021, 5, 18, 0, 29, 2)
+    assert prep(inference_time=naive)[4] == naive.replace(tzinfo=dt.UTC).timestamp()
+
+
+def test_a_forked_child_gets_its_own_working_client(daemon: DaemonProcess) -> None:
+    """A client made before fork() (a pre-fork model server) works in the child and the parent."""
+    client = CaptureClient(daemon.socket_path)
+    kw = dict(request_content_type="text/csv", response_content_type="text/csv")
+    client.capture(b"parent-1", b"0", inference_id="parent-1", **kw)
+    assert client.flush()
+    pid = os.fork()
+    if pid == 0:  # child: report through the exit status only
+        client.capture(b"child", b"0", inference_id="child", **kw)
+        ok = client.flush(timeout=10) and client.stats()["captured"] == 1
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    client.capture(b"parent-2", b"0", inference_id="parent-2", **kw)
+    assert client.flush()
+    assert client.stats()["acknowledged"] == 2
+    client.close()
+    daemon.stop()
+    ids = sorted(r["eventMetadata"]["inferenceId"] for r in daemon.delivered_lines())
+    assert ids == ["child", "parent-1", "parent-2"]
+
+
+def test_flush_after_close_is_false(daemon: DaemonProcess) -> None:
+    client = CaptureClient(daemon.socket_path)
+    client.capture(b"1", b"2")
+    client.close()
+    assert client.stats()["acknowledged"] == 1
+    assert client.flush() is False
+    assert client.capture(b"1", b"2") is False
