@@ -72,8 +72,9 @@ def _short(path: str) -> str:
 def summarize(path: str, top: int = 15) -> tuple[int, list[tuple[str, float, float]]]:
     """(samples, [(function, self %, total %)]) for the `top` functions by own time.
 
-    Idle samples (a thread waiting in `select`/`epoll`, if py-spy recorded them) count as their
-    own leaf frame, so the percentages are of all samples.
+    py-spy leaves idle samples out (a thread waiting in `epoll`), so the percentages are of the
+    time the process was busy. Time in C code (uvloop's socket reads, for instance) shows as the
+    Python frame that called it: `Runner.run` for the event loop itself.
     """
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
@@ -94,10 +95,3 @@ def summarize(path: str, top: int = 15) -> tuple[int, list[tuple[str, float, flo
         return 0, []
     rows = [(name, 100.0 * n / samples, 100.0 * total[name] / samples) for name, n in own.most_common(top)]
     return samples, rows
-
-
-def format_summary(system: str, path: str, top: int = 15) -> str:
-    samples, rows = summarize(path, top)
-    lines = [f"profile of {system} ({samples} samples at {RATE_HZ} Hz, {path}):", "  self %  total %  function"]
-    lines += [f"  {s:6.1f}  {t:7.1f}  {name}" for name, s, t in rows]
-    return "\n".join(lines)

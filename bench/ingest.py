@@ -1,0 +1,395 @@
+"""End-to-end ingest benchmark: `captured` against a naive asyncio baseline on the same machine.
+
+For each system: start the server as a subprocess on a fresh temporary directory, start the
+sender processes, release them together, and stop the clock when the server's own counters show
+every record processed. Then stop the server (SIGTERM) and count the lines it left on disk.
+
+    python bench/ingest.py                      # 1,000,000 records, 2 senders, both systems
+    python bench/ingest.py -n 200000 --payload 8k --sampling 10 --repeat 3 --json
+    python bench/ingest.py --only captured --profile /tmp/prof   # py-spy on the daemon
+
+See bench/README.md for what each column means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue
+import signal
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pyspy
+from data import PAYLOAD_SIZES, body_bytes, payloads
+from senders import run_sender
+from servers import MAX_FILE_AGE_S, SYSTEMS, Server
+
+POLL_S = 0.02
+FLUSH_TIMEOUT_S = 120.0
+MB = 1_000_000
+#: Bytes a capture line adds to its request body (JSON keys, response, metadata), roughly.
+PREWARM_LINE_OVERHEAD = 400
+#: Metrics whose median is reported when `--repeat` > 1.
+METRICS = ("wall_s", "records_per_s", "mb_per_s", "daemon_cpu_s", "daemon_user_s", "daemon_sys_s",
+           "cpu_s_per_m", "daemon_minor_faults", "peak_rss_mb", "sender_cpu_s", "sender_retries")  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="captured vs a naive baseline: end-to-end ingest")
+    p.add_argument("-n", "--records", type=int, default=1_000_000, help="records in total (default 1000000)")
+    p.add_argument("--senders", type=int, default=2, help="sender processes (default 2)")
+    p.add_argument("--sampling", type=int, default=100, help="sampling percentage, 0..100 (default 100)")
+    p.add_argument("--payload", choices=sorted(PAYLOAD_SIZES), default="250", help="request body size")
+    p.add_argument("--only", choices=["captured", "naive", "both"], default="both")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    p.add_argument("--repeat", type=int, default=1, help="runs per system; the median is reported")
+    p.add_argument("--workdir", help="where spool and output files go (default: a directory under /tmp)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds one run may take before it fails")
+    p.add_argument(
+        "--no-prewarm",
+        dest="prewarm",
+        action="store_false",
+        help="skip writing (and deleting) a scratch file of the output's size before each run",
+    )
+    p.add_argument(
+        "--server-env",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="extra environment for both servers (an experiment knob, e.g. malloc tuning)",
+    )
+    p.add_argument("--profile", metavar="DIR", help="record each server with py-spy into DIR")
+    p.add_argument("--profile-format", choices=["raw", "flamegraph", "speedscope"], default="raw")
+    args = p.parse_args(argv)
+    if any("=" not in kv for kv in args.server_env):
+        p.error("--server-env takes KEY=VALUE")
+    if args.records < 1 or args.senders < 1 or args.repeat < 1 or not 0 <= args.sampling <= 100:
+        p.error("--records, --senders and --repeat must be positive; --sampling 0..100")
+    return args
+
+
+def shares(total: int, parts: int) -> list[int]:
+    """Split `total` records over `parts` senders as evenly as possible."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def cpu_seconds(proc: psutil.Process) -> tuple[float, float]:
+    """(user, system) CPU seconds of `proc`, all its threads included."""
+    t = proc.cpu_times()
+    return float(t.user), float(t.system)
+
+
+class SenderPool:
+    """Sender processes released together by one event; results come back on one queue."""
+
+    def __init__(self, system: str, socket_path: str, counts: list[int], size: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.queue: Any = ctx.Queue()
+        self.go = ctx.Event()
+        self.results: list[dict[str, Any]] = []
+        self.procs = [
+            ctx.Process(
+                target=run_sender,
+                args=(system, i, socket_path, n, size, self.queue, self.go, FLUSH_TIMEOUT_S),
+                daemon=True,
+            )
+            for i, n in enumerate(counts)
+        ]
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        for p in self.procs:
+            p.start()
+        for _ in self.procs:
+            self._take(self.queue.get(timeout=timeout_s))
+
+    def poll(self) -> None:
+        """Collect finished senders' results; raise if a sender failed or died."""
+        while True:
+            try:
+                self._take(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        for p in self.procs:
+            if p.exitcode not in (None, 0):
+                raise RuntimeError(f"sender {p.name} died with exit code {p.exitcode}")
+
+    def finish(self, timeout_s: float) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout_s
+        while len(self.results) < len(self.procs):
+            self.poll()
+            if time.monotonic() > deadline:
+                raise TimeoutError("senders did not report in time")
+            time.sleep(POLL_S)
+        for p in self.procs:
+            p.join(10)
+        return sorted(self.results, key=lambda r: int(r["sender"]))
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+    def _take(self, msg: Any) -> None:
+        if isinstance(msg, dict):
+            if msg.get("error"):
+                raise RuntimeError(f"sender {msg['sender']} failed: {msg['error']}")
+            self.results.append(msg)
+
+
+def wait_processed(
+    server: Server, pool: SenderPool, total: int, timeout_s: float
+) -> tuple[int, int, dict[str, int]]:
+    """Poll the server until it has taken all `total` records and settled each one."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        received, written, dropped = server.counts()
+        if received >= total and written + sum(dropped.values()) >= received:
+            return received, written, dropped
+        if not server.alive():
+            raise RuntimeError(f"{server.name} died:\n{server.log_tail()}")
+        pool.poll()
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{server.name}: {received}/{total} received, {written} written after {timeout_s} s"
+            )
+        time.sleep(POLL_S)
+
+
+def run_once(system: str, args: argparse.Namespace, run: int) -> dict[str, Any]:
+    size = PAYLOAD_SIZES[args.payload]
+    counts = shares(args.records, args.senders)
+    body = sum(body_bytes(payloads(n, seed=i, size=size)) for i, n in enumerate(counts))
+    env = dict(kv.split("=", 1) for kv in args.server_env)
+    server = SYSTEMS[system](args.sampling, args.workdir, env)
+    pool: SenderPool | None = None
+    recorder: pyspy.Recorder | None = None
+    try:
+        if args.prewarm:
+            server.prewarm(args.records * (size + PREWARM_LINE_OVERHEAD))
+        server.start()
+        pool = SenderPool(system, server.socket_path, counts, size)
+        pool.start()
+        daemon = psutil.Process(server.pid)
+        if args.profile:
+            ext = {"raw": "txt", "flamegraph": "svg", "speedscope": "json"}[args.profile_format]
+            out = os.path.join(args.profile, f"{system}-{run}.{ext}")
+            recorder = pyspy.Recorder(server.pid, out, args.profile_format)
+            recorder.start()
+            time.sleep(1.0)  # let py-spy attach before the clock starts
+        cpu0, faults0 = cpu_seconds(daemon), server.minor_faults()
+        t0 = time.perf_counter()
+        pool.go.set()
+        received, written, dropped = wait_processed(server, pool, args.records, args.timeout)
+        wall = time.perf_counter() - t0
+        cpu1, faults = cpu_seconds(daemon), server.minor_faults() - faults0
+        if recorder is not None:
+            recorder.stop()
+        senders = pool.finish(args.timeout)
+        peak_rss = server.peak_rss_bytes()
+        rc = server.stop()
+        lines, files = server.count_lines()
+    finally:
+        if recorder is not None:
+            recorder.stop()
+        if pool is not None:
+            pool.kill()
+        server.cleanup()
+    daemon_cpu = sum(cpu1) - sum(cpu0)
+    expected = args.records if args.sampling == 100 else written
+    ok = rc == 0 and received == args.records and written == expected and lines == written
+    ok = ok and all(s.get("flushed", True) for s in senders)
+    result: dict[str, Any] = {
+        "system": system,
+        "records": args.records,
+        "received": received,
+        "written": written,
+        "dropped": dropped,
+        "wall_s": wall,
+        "records_per_s": args.records / wall,
+        "mb_per_s": body / wall / MB,
+        "body_bytes": body,
+        "daemon_cpu_s": daemon_cpu,
+        "daemon_user_s": cpu1[0] - cpu0[0],
+        "daemon_sys_s": cpu1[1] - cpu0[1],
+        "cpu_s_per_m": daemon_cpu / args.records * 1e6,
+        "daemon_minor_faults": faults,
+        "peak_rss_mb": peak_rss / MB,
+        "sender_cpu_s": sum(float(s["cpu_s"]) for s in senders),
+        "sender_retries": sum(int(s["retries"]) for s in senders),
+        "senders": senders,
+        "exit_code": rc,
+        "output_files": files,
+        "lines_verified": lines,
+        "ok": ok,
+    }
+    if recorder is not None:
+        result["profile"] = recorder.out_path
+        if args.profile_format == "raw":
+            result["profile_summary"] = pyspy.summarize(recorder.out_path)[1]
+    return result
+
+
+def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each metric in `METRICS`; counts (written, lines, files) are the first run's.
+
+    `ok` is true only when every run verified its output.
+    """
+    out = dict(runs[0])
+    for key in METRICS:
+        out[key] = statistics.median(float(r[key]) for r in runs)
+    out["ok"] = all(r["ok"] for r in runs)
+    out["runs"] = len(runs)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), model)
+    except OSError:
+        pass
+
+    def ver(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "cpu": model,
+        "captured_source": source_digest(),
+        "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "kernel": platform.release(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "captured": ver("captured"),
+        "msgspec": ver("msgspec"),
+        "uvloop": ver("uvloop"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def source_digest() -> str:
+    """A short hash of the `captured` package's source: which code a result was measured on."""
+    import captured
+
+    h = hashlib.sha256()
+    root = Path(captured.__file__).parent
+    for path in sorted(root.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    if "captured" not in results or "naive" not in results:
+        return {}
+    c, n = results["captured"], results["naive"]
+    return {
+        "records_per_s": c["records_per_s"] / n["records_per_s"],
+        "cpu_s_per_m": c["cpu_s_per_m"] / n["cpu_s_per_m"],
+    }
+
+
+def format_report(doc: dict[str, Any]) -> str:
+    m, p = doc["machine"], doc["params"]
+    lines = [
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Linux {m['kernel']}",
+        f"python {m['python']}, captured {m['captured']}, msgspec {m['msgspec']}, uvloop {m['uvloop']} "
+        f"(captured source {m['captured_source']}); "
+        f"{m['date']}",
+        f"{p['records']} records, {p['senders']} senders, sampling {p['sampling']} %, "
+        f"{p['payload']} B payloads, rotation every {p['max_file_age_s']:.0f} s, "
+        f"median of {p['repeat']} run(s), page cache {'prewarmed' if p['prewarm'] else 'cold'}",
+        *([f"server environment: {' '.join(p['server_env'])}"] if p["server_env"] else []),
+        "",
+    ]
+    head = ("system", "records", "wall s", "records/s", "MB/s", "daemon CPU s", "CPU s / 1M records",
+            "peak RSS MB", "lines verified")  # fmt: skip
+    rows = [head]
+    for r in doc["results"].values():
+        verified = f"{r['lines_verified']} {'ok' if r['ok'] else 'FAILED'}"
+        rows.append((r["system"], str(r["records"]), f"{r['wall_s']:.2f}", f"{r['records_per_s']:,.0f}",
+                     f"{r['mb_per_s']:.1f}", f"{r['daemon_cpu_s']:.2f}", f"{r['cpu_s_per_m']:.2f}",
+                     f"{r['peak_rss_mb']:.0f}", verified))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    for i, row in enumerate(rows):
+        lines.append(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        if i == 0:
+            lines.append("-+-".join("-" * w for w in widths))
+    lines.append("")
+    for r in doc["results"].values():
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(r["dropped"].items())) or "none"
+        lines.append(
+            f"{r['system']}: written {r['written']}, dropped: {dropped}; {r['output_files']} output file(s); "
+            f"daemon CPU user {r['daemon_user_s']:.2f} s + sys {r['daemon_sys_s']:.2f} s, "
+            f"{r['daemon_minor_faults']:.0f} minor page faults; "
+            f"senders used {r['sender_cpu_s']:.2f} CPU s, {r['sender_retries']:.0f} retries (buffer full)"
+        )
+    rat = doc["ratios"]
+    if rat:
+        lines.append(
+            f"captured / naive: records/s x{rat['records_per_s']:.2f} (target >= 5), "
+            f"CPU s per 1M records x{rat['cpu_s_per_m']:.3f} ({1 / rat['cpu_s_per_m']:.1f}x less CPU)"
+        )
+    for r in doc["results"].values():
+        if "profile_summary" in r:
+            lines += ["", f"py-spy profile of {r['system']} ({r['profile']}): self % / total %"]
+            lines += [f"  {s:5.1f}  {t:5.1f}  {name}" for name, s, t in r["profile_summary"]]
+        elif "profile" in r:
+            lines.append(f"py-spy profile of {r['system']}: {r['profile']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
+    # SIGTERM unwinds like Ctrl-C so that every `finally` stops its processes and removes its files.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    systems = ["captured", "naive"] if args.only == "both" else [args.only]
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+    for i in range(args.repeat):
+        for system in systems:
+            if not args.json:
+                print(f"run {i + 1}/{args.repeat}: {system} ...", file=sys.stderr, flush=True)
+            runs[system].append(run_once(system, args, i))
+    results = {s: median_result(r) if len(r) > 1 else r[0] for s, r in runs.items()}
+    doc = {
+        "machine": machine(),
+        "params": {
+            "records": args.records,
+            "senders": args.senders,
+            "sampling": args.sampling,
+            "payload": args.payload,
+            "payload_bytes": PAYLOAD_SIZES[args.payload],
+            "repeat": args.repeat,
+            "max_file_age_s": MAX_FILE_AGE_S,
+            "prewarm": args.prewarm,
+            "server_env": args.server_env,
+        },
+        "results": results,
+        "ratios": ratios(results),
+    }
+    if args.repeat > 1:
+        doc["runs"] = runs
+    print(json.dumps(doc, indent=2) if args.json else format_report(doc))
+    return 0 if all(r["ok"] for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

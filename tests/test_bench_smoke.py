@@ -1,0 +1,39 @@
+"""The end-to-end benchmark runs at a tiny size and verifies its own output (no timing checks).
+
+Step by step: `bench/ingest.py -n 2000 --senders 1 --json` starts the `captured` daemon and the
+naive baseline in turn, pushes 2000 records into each, stops them and counts the lines they
+wrote. The script must exit 0 and report, for both systems, every record received, written and
+found on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "ingest.py"
+RECORDS = 2000
+
+
+@pytest.mark.timeout(180)
+def test_ingest_bench_runs_and_verifies_both_systems() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "-n", str(RECORDS), "--senders", "1", "--json", "--no-prewarm"],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    doc = json.loads(proc.stdout)
+    assert set(doc["results"]) == {"captured", "naive"}
+    for result in doc["results"].values():
+        assert result["ok"], result
+        assert result["received"] == RECORDS
+        assert result["written"] == RECORDS
+        assert result["lines_verified"] == RECORDS
+        assert result["sender_retries"] >= 0
+    assert set(doc["ratios"]) == {"records_per_s", "cpu_s_per_m"}
