@@ -192,8 +192,11 @@ class LineEncoder:
         time_cache = self._time_cache
         cap_in = self.capture_input
         cap_out = self.capture_output
-        last_key: tuple[str, int] | None = None
+        last_variant = ""
+        last_hour = -1
         last_lines: list[Line] = []
+        last_second = -1
+        ts = ""
         invalid = 0
         for r, new_id in zip(records, ids, strict=True):
             t = r.inference_time
@@ -234,19 +237,20 @@ class LineEncoder:
                         out = Side(ct, "OUTPUT", body.decode("utf-8"), e)
                     except UnicodeDecodeError:  # not text after all: never mangle, use BASE64
                         out = Side(ct, "OUTPUT", body, BASE64)
-            ts = time_cache.get(second)
-            if ts is None:
-                ts = self.time_string(second)
+            if second != last_second:  # records of a batch mostly share their second
+                last_second = second
+                ts = time_cache.get(second) or self.time_string(second)
             line = Line(
                 CaptureData(inp, out),
                 EventMetadata(r.event_id or new_id, r.inference_id, r.custom_attributes, ts),
             )
-            key = (variant, second // 3600)
-            if key != last_key:
+            hour = second // 3600
+            if hour != last_hour or variant != last_variant:
+                key = (variant, hour)
                 group = groups.get(key)
                 if group is None:
                     group = groups[key] = Group(t, [])
-                last_key, last_lines = key, group.lines
+                last_variant, last_hour, last_lines = variant, hour, group.lines
             last_lines.append(line)
         return groups, invalid
 
