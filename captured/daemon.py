@@ -101,7 +101,12 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         self.recover()
         self.delivery.start()
-        sock = bind_socket(self.cfg.socket_path)
+        try:
+            sock = bind_socket(self.cfg.socket_path)
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", self.cfg.socket_path, exc)
+            await self.delivery.stop()
+            return 1
         await self.ingest.start(sock=sock)
         log.info(
             "capturing for endpoint %s: socket %s, spool %s, files land in %s (sampling %d%%, capture %s)",
@@ -153,7 +158,7 @@ def bind_socket(path: str) -> socket.socket:
         pass
     else:
         if not stat.S_ISSOCK(st.st_mode):
-            raise SystemExit(f"captured: {path} exists and is not a socket; refusing to replace it")
+            raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
@@ -162,7 +167,7 @@ def bind_socket(path: str) -> socket.socket:
                 raise
             os.unlink(path)  # stale: nobody listens
         else:
-            raise SystemExit(f"captured: another daemon is listening on {path}")
+            raise FileExistsError(f"another daemon is listening on {path}")
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -205,6 +210,11 @@ def serve(cfg: Config) -> int:
         log.debug("mallopt not available; running with the C library's default allocator settings")
 
     async def main() -> int:
-        return await Daemon(cfg).run()
+        try:
+            daemon = Daemon(cfg)
+        except OSError as exc:  # unwritable spool or destination, ...: say so, no traceback
+            log.error("cannot start: %s", exc)
+            return 1
+        return await daemon.run()
 
     return uvloop.run(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -518,3 +519,56 @@ def test_the_sample_service_config_is_valid() -> None:
         timeout=30,
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_a_second_daemon_on_the_same_socket_refuses_to_start(
+    daemon: DaemonProcess, daemon_factory: Any
+) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "captured", "serve", "--config", str(daemon.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 1
+    assert "another daemon is listening" in out.stderr
+    assert daemon.status()["CaptureStatus"] == "Started"  # the first one is untouched
+
+
+def test_a_stale_socket_file_is_replaced(daemon_factory: Any) -> None:
+    d: DaemonProcess = daemon_factory()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(d.socket_path)
+    stale.close()  # the file stays, nobody listens: what a killed daemon leaves
+    d.start()
+    assert d.status()["CaptureStatus"] == "Started"
+
+
+def test_second_sigint_exits_at_once(daemon: DaemonProcess) -> None:
+    """First SIGINT starts a graceful shutdown, which keeps draining while a client keeps
+    sending; a second SIGINT ends the process at once with status 130."""
+    import threading
+
+    frame = _raw_records(200)
+    stop = threading.Event()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(daemon.socket_path)
+
+    def keep_sending() -> None:
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                s.sendall(frame)
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    try:
+        assert daemon.proc is not None
+        wait_for(lambda: daemon.status()["counters"]["received"] > 0)
+        daemon.proc.send_signal(signal.SIGINT)
+        wait_for(lambda: "shutting down" in daemon.log())
+        daemon.proc.send_signal(signal.SIGINT)
+        assert daemon.proc.wait(10) == 130
+    finally:
+        stop.set()
+        s.close()
+        sender.join(5)
