@@ -99,6 +99,25 @@ class IngestConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     drain_timeout_s: float = 2.0
 
 
+class S3Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Delivery to `s3://` destinations; credentials come from the standard AWS chain."""
+
+    #: For S3-compatible stores (MinIO, Ceph, a local test server); None: AWS S3.
+    endpoint_url: str | None = None
+    #: None: from the AWS configuration chain (AWS_REGION, ~/.aws/config, instance metadata).
+    region: str | None = None
+    #: Files at or above this size go up as multipart uploads; smaller ones with PutObject.
+    multipart_threshold_bytes: int = 16 * MIB
+    #: Part size; raised when a file would need more than 10,000 parts.
+    part_size_bytes: int = 8 * MIB
+    #: Files uploading at the same time.
+    max_concurrent_uploads: int = 4
+    #: Parts in flight at the same time, across all multipart uploads.
+    max_concurrent_parts: int = 8
+    #: On SIGTERM, how long sealed files keep uploading before the rest waits for the next start.
+    shutdown_timeout_s: float = 30.0
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     endpoint_name: str
     variant_name: str
@@ -109,6 +128,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     DataCaptureConfig: DataCaptureConfig
     spool: SpoolConfig = SpoolConfig()
     ingest: IngestConfig = IngestConfig()
+    s3: S3Config = S3Config()
 
 
 class ConfigError(Exception):
@@ -242,6 +262,7 @@ def _build(ck: _Checker) -> Config:
         DataCaptureConfig=_data_capture(ck, values["DataCaptureConfig"]),
         spool=_spool(ck, values["spool"]),
         ingest=_ingest(ck, values["ingest"]),
+        s3=_s3(ck, values["s3"]),
     )
 
 
@@ -293,6 +314,56 @@ def _ingest(ck: _Checker, value: object) -> IngestConfig:
             table.get("drain_timeout_s", default.drain_timeout_s),
             lambda x: 0 <= x <= 600,
             "must be a number of seconds from 0 to 600",
+        ),
+    )
+
+
+def _s3(ck: _Checker, value: object) -> S3Config:
+    table = ck.table("s3", value, S3Config.__struct_fields__) or {}
+    d = S3Config()
+
+    def url_ok(s: str) -> bool:
+        return s.startswith(("http://", "https://")) and len(s) <= 2048 and " " not in s
+
+    endpoint = table.get("endpoint_url")
+    region = table.get("region")
+    return S3Config(
+        endpoint_url=None
+        if endpoint is None
+        else ck.string("s3.endpoint_url", endpoint, url_ok, "must be an http:// or https:// URL"),
+        region=None
+        if region is None
+        else ck.string(
+            "s3.region",
+            region,
+            lambda s: re.fullmatch(r"[a-z0-9-]{1,32}", s) is not None,
+            "must be an AWS region name such as us-east-1",
+        ),
+        multipart_threshold_bytes=ck.integer(
+            "s3.multipart_threshold_bytes",
+            table.get("multipart_threshold_bytes", d.multipart_threshold_bytes),
+            5 * MIB,
+            5 * GIB,
+            "must be an integer from 5 MiB (S3's smallest part) to 5 GiB (the largest PutObject)",
+        ),
+        part_size_bytes=ck.integer(
+            "s3.part_size_bytes",
+            table.get("part_size_bytes", d.part_size_bytes),
+            5 * MIB,
+            5 * GIB,
+            "must be an integer from 5 MiB to 5 GiB (S3's part size limits)",
+        ),
+        max_concurrent_uploads=ck.integer(
+            "s3.max_concurrent_uploads", table.get("max_concurrent_uploads", d.max_concurrent_uploads), 1, 64
+        ),
+        max_concurrent_parts=ck.integer(
+            "s3.max_concurrent_parts", table.get("max_concurrent_parts", d.max_concurrent_parts), 1, 256
+        ),
+        shutdown_timeout_s=ck.number(
+            "s3.shutdown_timeout_s",
+            table.get("shutdown_timeout_s", d.shutdown_timeout_s),
+            lambda x: 0 <= x <= 3600,
+            "must be a number of seconds from 0 to 3600",
         ),
     )
 

@@ -34,6 +34,7 @@ TOP_LEVEL_KEYS = (
     "DataCaptureConfig",
     "spool",
     "ingest",
+    "s3",
 )
 DATA_CAPTURE_KEYS = (
     "InitialSamplingPercentage",
@@ -127,6 +128,7 @@ def _defaults(environ: Mapping[str, str], cwd: str) -> Draft:
         "DataCaptureConfig": data_capture,
         "spool": {},  # the Struct defaults fill empty tables in
         "ingest": {},
+        "s3": {},
     }
     return Draft(values, Source("", cwd))
 

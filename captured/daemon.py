@@ -5,7 +5,7 @@ and sealed; sealed files queued for delivery), start delivery, bind the socket, 
 
 Shutdown (SIGTERM or SIGINT): stop accepting, keep reading what connected clients already sent
 until they go quiet (bounded by `ingest.drain_timeout_s`), seal every open file, deliver what is
-sealed (bounded by `SHUTDOWN_DELIVERY_TIMEOUT_S`; what is left stays in the spool for the next
+sealed (bounded by `s3.shutdown_timeout_s`; what is left stays in the spool for the next
 start), exit 0. A second SIGINT exits at once (exit 130); the spool is recovered next start.
 """
 
@@ -28,19 +28,19 @@ from .config import Config
 from .deliver import Delivery, LocalDestination, scan_spool
 from .ingest import IngestServer
 from .pipeline import Pipeline
-from .spool import PART, Spool, recover_part
+from .spool import PART, Spool, object_key, recover_part
+from .upload import S3Destination
 
 log = logging.getLogger("captured.daemon")
 
 TICK_S = 0.25
-SHUTDOWN_DELIVERY_TIMEOUT_S = 30.0
 
 
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.started_at = time.time()
-        self.delivery = Delivery(LocalDestination(cfg.DataCaptureConfig.DestinationS3Uri))
+        self.delivery = make_delivery(cfg)
         self.spool = Spool(cfg.spool_dir, cfg.endpoint_name, cfg.spool, self.delivery.submit)
         self.pipeline = Pipeline(cfg, self.spool)
         self.ingest = IngestServer(
@@ -95,12 +95,27 @@ class Daemon:
         if sealed:
             log.info("%d sealed file(s) from an earlier run queued for delivery", len(sealed))
 
+    async def start_delivery(self) -> None:
+        """Open the destination, abort multipart uploads a crashed run left for our files, start."""
+        dest = self.delivery.destination
+        await dest.start()
+        if isinstance(dest, S3Destination):
+            keys = [object_key(p) for p in self.delivery.waiting_paths()]
+            try:
+                aborted = await dest.abort_stale(keys)
+            except Exception as exc:  # S3 unreachable now: delivery retries; the aborts wait
+                log.warning("could not look for multipart uploads left by an earlier run: %s", exc)
+            else:
+                if aborted:
+                    log.info("aborted %d multipart upload(s) left open by an earlier run", aborted)
+        self.delivery.start()
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         self.recover()
-        self.delivery.start()
+        await self.start_delivery()
         try:
             sock = bind_socket(self.cfg.socket_path)
         except OSError as exc:
@@ -126,7 +141,7 @@ class Daemon:
         await self.ingest.drain(self.cfg.ingest.drain_timeout_s)
         ticker.cancel()
         self.spool.seal_all()
-        if not await self.delivery.drain(SHUTDOWN_DELIVERY_TIMEOUT_S):
+        if not await self.delivery.drain(self.cfg.s3.shutdown_timeout_s):
             log.warning("shutdown: files left in the spool for the next start: %s", self.delivery.stats())
         await self.delivery.stop()
         c = self.pipeline.counters
@@ -147,6 +162,15 @@ class Daemon:
             log.warning("second SIGINT: exiting at once; the spool is recovered at the next start")
             os._exit(130)
         self._stop.set()
+
+
+def make_delivery(cfg: Config) -> Delivery:
+    """The delivery stage for the configured destination: S3, or a local directory."""
+    uri = cfg.DataCaptureConfig.DestinationS3Uri
+    if uri.startswith("s3://"):
+        dest = S3Destination(uri, cfg.s3, kms_key_id=cfg.DataCaptureConfig.KmsKeyId)
+        return Delivery(dest, workers=cfg.s3.max_concurrent_uploads)
+    return Delivery(LocalDestination(uri))
 
 
 def bind_socket(path: str) -> socket.socket:

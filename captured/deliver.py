@@ -17,10 +17,11 @@ import contextlib
 import errno
 import logging
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from . import spool
@@ -31,10 +32,13 @@ log = logging.getLogger("captured.deliver")
 class Destination(Protocol):
     uri: str
 
-    async def put(self, path: str, key: str) -> None:
-        """Store the file at `path` under `key`; return only once it is durably there.
+    async def start(self) -> None: ...
 
-        May consume (move) `path`. Raises on failure; the caller retries later.
+    async def put(self, path: str, key: str) -> None:
+        """Store the file at `path` under the relative `key`; return once it is durably there.
+
+        May consume (move) `path`; the caller removes it otherwise. Raises on failure (an
+        exception with `retryable` and `cause` attributes says how soon to try again).
         """
 
     async def close(self) -> None: ...
@@ -54,6 +58,9 @@ class LocalDestination:
         self.uri = uri
         self.root = file_uri_path(uri)
         os.makedirs(self.root, exist_ok=True)
+
+    async def start(self) -> None:
+        return None
 
     async def put(self, path: str, key: str) -> None:
         await asyncio.to_thread(self._put, path, key)
@@ -87,81 +94,165 @@ class Waiting:
     path: str
     size: int
     since: float  # wall clock when sealed (or found at start)
+    not_before: float = 0.0  # monotonic: no attempt before this (backoff after a failure)
+    attempts: int = 0
 
 
 class Delivery:
-    """Moves sealed files to `destination` in the order they were sealed."""
+    """Moves sealed files to `destination`, `workers` at a time, oldest first.
+
+    A failed file stays queued (and in the spool) and is tried again: retryable failures after a
+    capped, jittered exponential backoff without any limit in time; fatal ones (access denied, no
+    such bucket, ...) every `FATAL_RETRY_S`, so a fixed permission resumes delivery without a
+    restart. Each cause is logged once until delivery succeeds again.
+    """
 
     RETRY_MIN_S = 0.5
     RETRY_MAX_S = 30.0
+    FATAL_RETRY_S = 60.0
+    REPORT_EVERY_S = 60.0
 
-    def __init__(self, destination: Destination) -> None:
+    def __init__(self, destination: Destination, *, workers: int = 1) -> None:
         self.destination = destination
+        self.workers = workers
         self._queue: collections.deque[Waiting] = collections.deque()
+        self._in_flight: list[Waiting] = []
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.files_delivered = 0
         self.bytes_delivered = 0
-        self.failures = 0
-        self._busy = False
+        self.retries = 0
+        self.failures: dict[str, int] = {}
+        self._logged_causes: set[str] = set()
+        self._rng = random.Random()
 
     def submit(self, path: str, size: int) -> None:
         self._queue.append(Waiting(path, size, time.time()))
         self._wake.set()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="delivery")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._worker(), name=f"delivery-{i}") for i in range(self.workers)]
+        self._tasks.append(loop.create_task(self._report(), name="delivery-report"))
 
-    def stats(self) -> dict[str, float | int]:
+    def stats(self) -> dict[str, Any]:
+        waiting = [*self._queue, *self._in_flight]
         now = time.time()
         return {
             "files_delivered": self.files_delivered,
             "bytes_delivered": self.bytes_delivered,
-            "failures": self.failures,
-            "files_waiting": len(self._queue),
-            "bytes_waiting": sum(w.size for w in self._queue),
-            "oldest_waiting_s": round(now - self._queue[0].since, 3) if self._queue else 0.0,
+            "retries": self.retries,
+            "failures": dict(self.failures),
+            "files_waiting": len(waiting),
+            "bytes_waiting": sum(w.size for w in waiting),
+            "oldest_waiting_s": round(now - min(w.since for w in waiting), 3) if waiting else 0.0,
         }
+
+    def waiting_paths(self) -> list[str]:
+        return [w.path for w in (*self._queue, *self._in_flight)]
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until every submitted file is delivered (True) or `timeout_s` passes (False)."""
         deadline = time.monotonic() + timeout_s
-        while self._queue or self._busy:
+        while self._queue or self._in_flight:
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.02)
         return True
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """Cancel the workers (an upload in flight is aborted, its file stays), close the client."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+        self._tasks = []
         await self.destination.close()
 
-    async def _run(self) -> None:
-        backoff = self.RETRY_MIN_S
+    def _next(self) -> Waiting | float:
+        """The oldest file due for an attempt, or how long until one is due."""
+        now = time.monotonic()
+        soonest = self.RETRY_MAX_S
+        for item in self._queue:
+            if item.not_before <= now:
+                self._queue.remove(item)
+                return item
+            soonest = min(soonest, item.not_before - now)
+        return soonest
+
+    async def _worker(self) -> None:
         while True:
-            if not self._queue:
+            item = self._next()
+            if isinstance(item, float):
                 self._wake.clear()
-                await self._wake.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), item if self._queue else None)
                 continue
-            item = self._queue[0]
-            self._busy = True
+            self._in_flight.append(item)
             try:
-                await self.destination.put(item.path, spool.object_key(item.path))
-            except Exception as exc:
-                self.failures += 1
-                log.warning("delivery of %s failed, retrying in %.1fs: %s", item.path, backoff, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.RETRY_MAX_S)
-                continue
+                await self._deliver(item)
             finally:
-                self._busy = False
-            self._queue.popleft()
-            backoff = self.RETRY_MIN_S
-            self.files_delivered += 1
-            self.bytes_delivered += item.size
+                self._in_flight.remove(item)
+
+    async def _deliver(self, item: Waiting) -> None:
+        try:
+            await self.destination.put(item.path, spool.object_key(item.path))
+        except asyncio.CancelledError:
+            self._queue.appendleft(item)
+            raise
+        except Exception as exc:
+            self._failed(item, exc)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(item.path)  # only now: the destination confirmed the object
+        self.files_delivered += 1
+        self.bytes_delivered += item.size
+        self._logged_causes.clear()  # delivery works again: report the next failure anew
+
+    def _failed(self, item: Waiting, exc: Exception) -> None:
+        retryable = getattr(exc, "retryable", True)
+        cause = getattr(exc, "cause", type(exc).__name__)
+        self.failures[cause] = self.failures.get(cause, 0) + 1
+        self.retries += 1
+        item.attempts += 1
+        if retryable:
+            cap = min(self.RETRY_MIN_S * 2 ** min(item.attempts - 1, 16), self.RETRY_MAX_S)
+            delay = self._rng.uniform(cap / 2, cap)  # jitter: many files do not retry in lockstep
+        else:
+            delay = self.FATAL_RETRY_S
+        item.not_before = time.monotonic() + delay
+        self._queue.append(item)
+        self._wake.set()
+        if cause not in self._logged_causes:
+            self._logged_causes.add(cause)
+            when = (
+                f"retrying with backoff (up to {self.RETRY_MAX_S:.0f}s apart)"
+                if retryable
+                else f"retrying every {self.FATAL_RETRY_S:.0f}s until the cause is fixed"
+            )
+            log.warning("delivery of %s failed (%s), %s: %s", spool.object_key(item.path), cause, when, exc)
+
+    async def _report(self) -> None:
+        """A periodic line while there is something to say: what moved, what waits, what fails."""
+        last = (0, 0, 0)
+        while True:
+            await asyncio.sleep(self.REPORT_EVERY_S)
+            now = (self.files_delivered, self.retries, len(self._queue) + len(self._in_flight))
+            if now != last and now != (last[0], last[1], 0):
+                st = self.stats()
+                log.info(
+                    "delivery: %d files (%d bytes) delivered, %d retries, failures %s; %d files (%d bytes)"
+                    " waiting, oldest %.0fs",
+                    st["files_delivered"],
+                    st["bytes_delivered"],
+                    st["retries"],
+                    st["failures"] or "none",
+                    st["files_waiting"],
+                    st["bytes_waiting"],
+                    st["oldest_waiting_s"],
+                )
+            last = now
 
 
 def scan_spool(spool_dir: str, endpoint: str) -> tuple[list[tuple[str, int]], list[str]]:

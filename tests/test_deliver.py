@@ -76,7 +76,9 @@ def test_a_failing_destination_keeps_the_file_and_retries(tmp_path: Path) -> Non
         d.start()
         d.submit(str(spool / NAME), 2)
         await asyncio.sleep(0.3)
-        assert (spool / NAME).exists() and d.stats()["failures"] >= 1
+        stats = d.stats()
+        assert (spool / NAME).exists() and stats["retries"] >= 1
+        assert stats["failures"] == {"NotADirectoryError": stats["retries"]}
         blocker.unlink()
         assert await d.drain(10)
         await d.stop()

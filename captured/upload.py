@@ -1,0 +1,267 @@
+"""Sealed spool files -> S3 with aiobotocore: PutObject or parallel multipart, SSE-KMS, checksums.
+
+Object keys follow SageMaker's layout::
+
+    {prefix}/{endpoint}/{variant}/yyyy/mm/dd/hh/MM-SS-mmm-{uuid4}.jsonl
+
+The key is fixed by the sealed file's name, so a retry, or a restart after a crash, writes the
+same key again instead of adding a duplicate. A file below `multipart_threshold_bytes` goes up
+with one PutObject; a larger one as a multipart upload whose parts (planned by `plan_parts`, S3's
+rules: 5 MiB <= part <= 5 GiB, at most 10,000 parts) upload in parallel, bounded across all uploads
+by `max_concurrent_parts`. The multipart upload is aborted as soon as anything fails or the upload
+is cancelled; uploads a crashed run left open are aborted at start (`abort_stale`).
+
+Every request carries a CRC32 checksum the server verifies (`ChecksumAlgorithm`), and SSE-KMS
+headers when `KmsKeyId` is set. Failures are classified by `classify`: retryable ones (network,
+timeouts, throttling, 5xx) and fatal ones (access denied, no such bucket, bad KMS key); the
+delivery stage decides how soon to try again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from .config import S3Config
+
+log = logging.getLogger("captured.upload")
+
+MIB = 1024 * 1024
+MIN_PART_BYTES = 5 * MIB
+MAX_PART_BYTES = 5 * 1024 * MIB
+MAX_PARTS = 10_000
+
+# Error codes that no retry will mend until someone changes something (permissions, bucket, key).
+_FATAL_CODES = {
+    "AccessDenied": "access_denied",
+    "AllAccessDisabled": "access_denied",
+    "AccountProblem": "access_denied",
+    "InvalidAccessKeyId": "bad_credentials",
+    "SignatureDoesNotMatch": "bad_credentials",
+    "ExpiredToken": "bad_credentials",
+    "InvalidToken": "bad_credentials",
+    "NoSuchBucket": "no_such_bucket",
+    "KMS.NotFoundException": "kms_key",
+    "KMS.DisabledException": "kms_key",
+    "KMS.KMSInvalidStateException": "kms_key",
+    "KMSAccessDenied": "kms_key",
+    "InvalidArgument": "invalid_request",
+    "InvalidRequest": "invalid_request",
+}
+_RETRYABLE_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "BadDigest",  # the body was damaged in transit: send it again
+    "NoSuchUpload",  # our multipart upload vanished (aborted elsewhere): start over
+}
+
+
+class UploadError(Exception):
+    """An upload failed; `cause` is the counter label, `retryable` says how soon to try again."""
+
+    def __init__(self, cause: str, retryable: bool, message: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.retryable = retryable
+
+
+def classify(exc: BaseException) -> UploadError:
+    """Map anything an upload can raise to an `UploadError` (retryable or fatal, and why)."""
+    if isinstance(exc, UploadError):
+        return exc
+    from botocore import exceptions as bx
+
+    if isinstance(exc, bx.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        message = f"{code or status}: {err.get('Message', exc)}"
+        if code in _FATAL_CODES:
+            return UploadError(_FATAL_CODES[code], False, message)
+        if code in _RETRYABLE_CODES or status >= 500 or status == 429:
+            return UploadError("throttled" if status in (429, 503) else "server_error", True, message)
+        if status == 403:
+            return UploadError("access_denied", False, message)
+        if status == 404:
+            return UploadError("no_such_bucket", False, message)
+        return UploadError(f"client_error_{status or 'unknown'}", False, message)
+    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
+        return UploadError("no_credentials", False, str(exc))
+    if isinstance(exc, bx.ReadTimeoutError | bx.ConnectTimeoutError | asyncio.TimeoutError | TimeoutError):
+        return UploadError("timeout", True, str(exc) or type(exc).__name__)
+    if isinstance(exc, bx.EndpointConnectionError | bx.ConnectionClosedError | bx.HTTPClientError | OSError):
+        return UploadError("connection", True, str(exc) or type(exc).__name__)
+    if isinstance(exc, bx.BotoCoreError):
+        return UploadError("client_error", True, str(exc))
+    return UploadError("unexpected", True, f"{type(exc).__name__}: {exc}")
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix/` -> ("bucket", "some/prefix"): no leading or trailing "/"."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    return bucket, prefix.strip("/")
+
+
+def s3_key(prefix: str, relative_key: str) -> str:
+    """The object key: never a leading "/", never "//" (a trailing "/" on the URI is dropped)."""
+    return f"{prefix}/{relative_key}" if prefix else relative_key
+
+
+def plan_parts(size: int, part_size: int) -> list[tuple[int, int]]:
+    """(offset, length) of each part of a `size`-byte multipart upload.
+
+    The part size is raised (to whole MiB) when `size` would need more than 10,000 parts, and kept
+    within S3's 5 MiB..5 GiB; every part but the last has the same size.
+    """
+    if size <= 0:
+        raise ValueError("a multipart upload needs at least one byte")
+    part = max(MIN_PART_BYTES, min(part_size, MAX_PART_BYTES))
+    if -(-size // part) > MAX_PARTS:
+        part = -(-size // MAX_PARTS)
+        part = -(-part // MIB) * MIB
+    if part > MAX_PART_BYTES:
+        raise ValueError(f"{size} bytes exceed what 10,000 parts of at most 5 GiB can hold")
+    return [(off, min(part, size - off)) for off in range(0, size, part)]
+
+
+def _read(path: str, offset: int, length: int) -> bytes:
+    with open(path, "rb") as fh:
+        data = os.pread(fh.fileno(), length, offset)
+    if len(data) != length:
+        raise UploadError("local_file", False, f"{path} is shorter than expected")
+    return data
+
+
+class S3Destination:
+    """A `deliver.Destination` for `s3://bucket[/prefix]`."""
+
+    def __init__(self, uri: str, cfg: S3Config, *, kms_key_id: str | None = None) -> None:
+        self.uri = uri
+        self.bucket, self.prefix = split_s3_uri(uri)
+        self.cfg = cfg
+        self.kms_key_id = kms_key_id
+        self._parts = asyncio.Semaphore(cfg.max_concurrent_parts)
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+
+    async def start(self) -> None:
+        from aiobotocore.config import AioConfig
+        from aiobotocore.session import get_session
+
+        config = AioConfig(
+            max_pool_connections=self.cfg.max_concurrent_parts + self.cfg.max_concurrent_uploads,
+            connect_timeout=10,
+            read_timeout=60,
+            # A few quick retries inside botocore; the delivery stage retries without limit.
+            retries={"mode": "standard", "total_max_attempts": 3},
+            request_checksum_calculation="when_supported",
+        )
+        self._client = await self._stack.enter_async_context(
+            get_session().create_client(
+                "s3", endpoint_url=self.cfg.endpoint_url, region_name=self.cfg.region, config=config
+            )
+        )
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        self._client = None
+
+    def key_for(self, relative_key: str) -> str:
+        return s3_key(self.prefix, relative_key)
+
+    def _sse(self) -> dict[str, str]:
+        if self.kms_key_id is None:
+            return {}
+        return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.kms_key_id}
+
+    async def put(self, path: str, key: str) -> None:
+        """Upload `path` as `key` (relative: the prefix is added here). Raises `UploadError`."""
+        try:
+            size = os.stat(path).st_size
+            full_key = self.key_for(key)
+            if size < self.cfg.multipart_threshold_bytes:
+                await self._put_object(path, full_key, size)
+            else:
+                await self._multipart(path, full_key, size)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise classify(exc) from exc
+
+    async def _put_object(self, path: str, key: str, size: int) -> None:
+        body = await asyncio.to_thread(_read, path, 0, size)
+        await self._client.put_object(
+            Bucket=self.bucket, Key=key, Body=body, ChecksumAlgorithm="CRC32", **self._sse()
+        )
+
+    async def _multipart(self, path: str, key: str, size: int) -> None:
+        created = await self._client.create_multipart_upload(
+            Bucket=self.bucket, Key=key, ChecksumAlgorithm="CRC32", **self._sse()
+        )
+        upload_id = created["UploadId"]
+        try:  # acquire, then register the cleanup: any failure or cancellation aborts the upload
+            parts = await asyncio.gather(
+                *(
+                    self._part(path, key, upload_id, number, offset, length)
+                    for number, (offset, length) in enumerate(plan_parts(size, self.cfg.part_size_bytes), 1)
+                )
+            )
+            await self._client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            await asyncio.shield(self._abort(key, upload_id))
+            raise
+
+    async def _part(
+        self, path: str, key: str, upload_id: str, number: int, offset: int, length: int
+    ) -> dict[str, Any]:
+        async with self._parts:
+            body = await asyncio.to_thread(_read, path, offset, length)
+            resp = await self._client.upload_part(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
+                ChecksumAlgorithm="CRC32",
+            )
+        part = {"PartNumber": number, "ETag": resp["ETag"]}
+        if "ChecksumCRC32" in resp:
+            part["ChecksumCRC32"] = resp["ChecksumCRC32"]
+        return part
+
+    async def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            await asyncio.wait_for(
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id), 10
+            )
+        except Exception as exc:  # the next start aborts what is left
+            log.warning("could not abort multipart upload of %s (the next start will): %s", key, exc)
+
+    async def abort_stale(self, relative_keys: Sequence[str]) -> int:
+        """Abort multipart uploads left open for these keys (files this spool still holds)."""
+        wanted = {self.key_for(k) for k in relative_keys}
+        if not wanted:
+            return 0
+        # S3's Prefix is a string prefix, which is exactly what commonprefix computes.
+        prefix = os.path.commonprefix(sorted(wanted))  # noqa: RUF071
+        aborted = 0
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                if upload["Key"] in wanted:
+                    await self._abort(upload["Key"], upload["UploadId"])
+                    aborted += 1
+        return aborted
