@@ -37,3 +37,25 @@ def test_ingest_bench_runs_and_verifies_both_systems() -> None:
         assert result["lines_verified"] == RECORDS
         assert result["sender_retries"] >= 0
     assert set(doc["ratios"]) == {"records_per_s", "cpu_s_per_m"}
+
+
+@pytest.mark.timeout(120)
+def test_client_overhead_bench_runs_all_scenarios() -> None:
+    """`bench/client_overhead.py -n 2000 --json` times capture() with the daemon healthy, absent and
+    stalled (SIGSTOP/SIGCONT), and must exit 0 with 2000 timed calls in each scenario. No timings
+    are checked.
+    """
+    script = Path(__file__).resolve().parent.parent / "bench" / "client_overhead.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "-n", str(RECORDS), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    doc = json.loads(proc.stdout)
+    for name in ("healthy", "absent", "stalled"):
+        result = doc["results"][name]
+        assert result["calls"] == RECORDS, name
+        assert result["ok"], result
+    assert doc["results"]["stalled"]["flushed"] is True
