@@ -363,6 +363,7 @@ class _IOLoop:
                 elif kind == frames.Kind.ERROR:
                     self._on_error(bytes(payload).decode("utf-8", "replace"))
                     return
+            self.reader.check()
         except (frames.ProtocolError, msgspec.DecodeError) as exc:
             self._disconnect(exc)
 

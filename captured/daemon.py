@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import signal
@@ -114,6 +115,16 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        # SIGHUP means "reload" to an operator; until reloading exists it must not kill the
+        # daemon without draining (the default action).
+        loop.add_signal_handler(
+            signal.SIGHUP, log.warning, "SIGHUP ignored: live reload is not supported yet"
+        )
+        try:
+            self._lock = lock_spool(self.cfg.spool_dir)
+        except OSError as exc:
+            log.error("cannot start: %s", exc)
+            return 1
         self.recover()
         await self.start_delivery()
         try:
@@ -162,6 +173,21 @@ class Daemon:
             log.warning("second SIGINT: exiting at once; the spool is recovered at the next start")
             os._exit(130)
         self._stop.set()
+
+
+def lock_spool(spool_dir: str) -> int:
+    """Hold an exclusive lock on the spool for the daemon's life (released when it exits).
+
+    Recovery renames `.part` files: a second daemon on the same spool would seal a live
+    daemon's open files under it. The lock makes the second one refuse to start instead.
+    """
+    fd = os.open(os.path.join(spool_dir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BlockingIOError(f"another daemon is using the spool {spool_dir}") from None
+    return fd
 
 
 def make_delivery(cfg: Config) -> Delivery:

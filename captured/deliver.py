@@ -22,7 +22,6 @@ import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
 
 from . import spool
 
@@ -45,10 +44,12 @@ class Destination(Protocol):
 
 
 def file_uri_path(uri: str) -> str:
-    """The local directory of a `file:///abs/path` URI (or a plain absolute path)."""
-    if uri.startswith("file://"):
-        return unquote(urlsplit(uri).path)
-    return uri
+    """The local directory of a `file:///abs/path` destination (or a plain absolute path).
+
+    The configuration stores `file://` followed by the path as written, not percent-encoded,
+    so a directory named `out%41#1` stays `out%41#1`.
+    """
+    return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
 class LocalDestination:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import sys
 from typing import Annotated, Any
 
 import msgspec
@@ -148,7 +149,7 @@ class FrameReader:
     Buffers at most one incomplete frame (bounded by `max_frame_bytes` + one read).
     """
 
-    __slots__ = ("_buf", "_max", "_need")
+    __slots__ = ("_buf", "_error", "_max", "_need")
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self._buf = bytearray()
@@ -156,6 +157,12 @@ class FrameReader:
         # Bytes the buffered partial frame needs before parsing is worth trying again: keeps a
         # large frame arriving in many reads from being re-scanned (and copied) per read.
         self._need = 0
+        self._error: BaseException | None = None
+
+    def check(self) -> None:
+        """Raise the `ProtocolError` found after the frames the last `feed` returned, if any."""
+        if self._error is not None:
+            raise self._error
 
     @property
     def buffered(self) -> int:
@@ -164,8 +171,10 @@ class FrameReader:
     def feed(self, data: bytes) -> list[tuple[int, memoryview]]:
         """Append `data`; return the complete frames as (kind, payload) in order.
 
-        The payload views stay valid until the next call to `feed`.
+        The payload views stay valid until the next call to `feed`. A bad header after some
+        whole frames is raised by `check()` (or the next `feed`), so those frames still count.
         """
+        self.check()
         buf = self._buf
         if buf:
             buf += data
@@ -179,7 +188,15 @@ class FrameReader:
         end = len(view)
         need = HEADER_SIZE
         while end - pos >= HEADER_SIZE:
-            kind, length = parse_header(view[pos : pos + HEADER_SIZE], self._max)
+            try:
+                kind, length = parse_header(view[pos : pos + HEADER_SIZE], self._max)
+            except ProtocolError:
+                if not frames:
+                    raise
+                # The frames before the bad header are whole and valid: hand them out first;
+                # the error is raised by the next call (`check` or `feed`).
+                self._error = sys.exc_info()[1]
+                return frames
             stop = pos + HEADER_SIZE + length
             if stop > end:
                 need = HEADER_SIZE + length

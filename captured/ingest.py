@@ -78,10 +78,14 @@ class Connection(asyncio.Protocol):
                     self._reply(frames.encode_frame(frames.Kind.STATUS_REPLY, self.server.status()))
                 else:
                     raise frames.ProtocolError("unexpected_kind", f"a client may not send frame kind {kind}")
+            self.reader.check()
         except frames.ProtocolError as exc:
             self.fail(exc.reason, str(exc))
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             self.fail("bad_payload", f"undecodable frame payload: {exc}")
+        except Exception as exc:  # a backstop: whatever a client sends must not escape unhandled
+            log.exception("unexpected error on a client connection")
+            self.fail("internal_error", f"the daemon could not process a frame: {exc}")
 
     def _reply(self, data: bytes) -> None:
         assert self.transport is not None
@@ -131,12 +135,15 @@ class IngestServer:
     async def drain(self, timeout_s: float, quiet_s: float = 0.1) -> None:
         """Keep reading what connected clients already sent, then close every connection.
 
-        Ends when no connection has delivered data for `quiet_s`, or after `timeout_s`.
+        Ends when no connection has delivered data for `quiet_s` since the drain began (so a
+        connection idle before the stop still gets `quiet_s` to deliver what it just sent), or
+        after `timeout_s`.
         """
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
+        deadline = start + timeout_s
         while self.connections and time.monotonic() < deadline:
             now = time.monotonic()
-            if all(now - c.last_data >= quiet_s for c in self.connections):
+            if all(now - max(c.last_data, start) >= quiet_s for c in self.connections):
                 break
             await asyncio.sleep(0.01)
         for c in list(self.connections):

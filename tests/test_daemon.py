@@ -318,7 +318,7 @@ def test_shutdown_drains_what_clients_sent(daemon: DaemonProcess) -> None:
         s.sendall(data[len(data) // 2 :])
         assert daemon.proc.wait(30) == 0  # type: ignore[union-attr]
     assert len(daemon.delivered_lines()) == n
-    assert os.listdir(daemon.spool_dir) == []
+    assert os.listdir(daemon.spool_dir) == [".lock"]
     assert "stopped: received 20000, written 20000" in daemon.log()
 
 
@@ -397,7 +397,7 @@ def test_a_crashed_run_is_recovered_at_start(daemon_factory: Any) -> None:
     wait_for(lambda: len(d.delivered_lines()) == 100)
     d.stop()
     assert [int(r["eventMetadata"]["inferenceId"]) for r in d.delivered_lines()] == list(range(100))
-    assert list(d.spool_dir.iterdir()) == []
+    assert [p.name for p in d.spool_dir.iterdir()] == [".lock"]
 
 
 def test_embedded_default_runs_without_any_config(short_tmp: Path) -> None:
@@ -531,7 +531,7 @@ def test_a_second_daemon_on_the_same_socket_refuses_to_start(
         timeout=30,
     )
     assert out.returncode == 1
-    assert "another daemon is listening" in out.stderr
+    assert "another daemon is using the spool" in out.stderr
     assert daemon.status()["CaptureStatus"] == "Started"  # the first one is untouched
 
 
@@ -572,3 +572,68 @@ def test_second_sigint_exits_at_once(daemon: DaemonProcess) -> None:
         stop.set()
         s.close()
         sender.join(5)
+
+
+def test_frames_before_a_bad_header_in_the_same_read_still_count(daemon: DaemonProcess) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(daemon.socket_path)
+        s.sendall(_raw_records(10) + b"XX" + os.urandom(64))
+        assert "bad magic" in _read_error(s)
+    assert daemon.status()["counters"]["written"] == 10
+
+
+def test_deeply_nested_payload_is_a_counted_protocol_error(daemon: DaemonProcess) -> None:
+    nested = b"\x91" * 200_000 + b"\xc0"  # msgpack: arrays inside arrays
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(daemon.socket_path)
+        s.sendall(frames.frame(frames.Kind.BATCH, nested))
+        assert "undecodable" in _read_error(s)
+    status = daemon.status()
+    assert sum(status["ingest"]["protocol_errors"].values()) == 1
+
+
+def test_data_sent_just_after_sigterm_on_an_idle_connection_is_kept(daemon: DaemonProcess) -> None:
+    """A connection idle for a while before SIGTERM still gets its drain window."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(daemon.socket_path)
+        wait_for(lambda: daemon.status()["ingest"]["connections"] == 2)  # ours + the status query
+        import time
+
+        time.sleep(0.3)  # idle longer than the drain's quiet period
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGTERM)
+        s.sendall(_raw_records(50))
+        assert daemon.proc.wait(30) == 0
+    assert len(daemon.delivered_lines()) == 50
+
+
+def test_two_daemons_never_share_a_spool(daemon: DaemonProcess, short_tmp: Path) -> None:
+    """A second daemon on the same spool (another socket) refuses to start and leaves the first
+    daemon's open file alone."""
+    capture_all(daemon, [csv_pair(i) for i in range(5)]).close()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "captured",
+            "serve",
+            "--config",
+            str(daemon.config_path),
+            "--socket",
+            str(short_tmp / "other.sock"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 1 and "another daemon is using the spool" in out.stderr
+    assert len(list(daemon.spool_dir.glob("*.jsonl.part"))) == 1
+    assert daemon.stop() == 0
+    assert len(daemon.delivered_lines()) == 5
+
+
+def test_sighup_does_not_stop_the_daemon(daemon: DaemonProcess) -> None:
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP ignored" in daemon.log())
+    assert daemon.status()["CaptureStatus"] == "Started"

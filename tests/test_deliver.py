@@ -17,7 +17,7 @@ KEY = "ep/AllTraffic/2021/05/18/00/28-04-146-08d6d8b9-c7ac-4427-93a1-5eece415565
 
 
 def test_file_uri_path() -> None:
-    assert file_uri_path("file:///var/lib/x%20y") == "/var/lib/x y"
+    assert file_uri_path("file:///var/lib/out%41#1 y") == "/var/lib/out%41#1 y"
     assert file_uri_path("/plain/dir") == "/plain/dir"
 
 
