@@ -50,6 +50,9 @@ from .record import (
 log = logging.getLogger("captured.client")
 
 
+#: The I/O thread encodes at most about this much per pass (one pass holds the GIL).
+TAKE_BYTES = 512 * 1024
+
 #: After close(): how long the I/O thread still tries to write what is left.
 CLOSE_GRACE_S = 0.5
 
@@ -143,7 +146,9 @@ class CaptureClient:
             if self._closed:
                 self._drop(CLOSED, 1)
                 return False
-            if self._pending_bytes + size > self._buffer_bytes:
+            # An empty buffer takes any one record, so a maximum-size record (two 6 MiB bodies)
+            # fits whatever `buffer_bytes` is.
+            if self._pending_bytes + size > self._buffer_bytes and self._pending:
                 self._drop(BUFFER_FULL, 1)
                 return False
             self._pending.append(rec)
@@ -222,6 +227,16 @@ class CaptureClient:
             os.close(self._wake_w)
 
 
+def _chunk_length(sizes: list[int], limit: int) -> int:
+    """How many leading records fit in `limit` bytes (at least one)."""
+    acc = 0
+    for i, size in enumerate(sizes):
+        acc += size
+        if acc > limit:
+            return max(i, 1)
+    return len(sizes)
+
+
 class _IOLoop:
     """The client's background I/O: one socket, one select loop, no locks held across I/O."""
 
@@ -290,10 +305,20 @@ class _IOLoop:
             closing = c._closed
             if self.outq:
                 return closing  # leave _wake_armed set: no wake-ups until there is room
-            c._wake_armed = False
             records, sizes, flushes = c._pending, c._sizes, c._flushes
-            if records or flushes:
-                c._pending, c._sizes, c._flushes, c._pending_bytes = [], [], [], 0
+            n = _chunk_length(sizes, TAKE_BYTES)
+            if n < len(records):
+                # Take a chunk only: encoding holds the GIL, and a whole 8 MiB buffer at once
+                # kept callers of capture() waiting for milliseconds (bench/client_overhead.py).
+                # The FLUSHes wait for the records captured before them.
+                taken = sum(sizes[:n])
+                records, sizes, flushes = records[:n], sizes[:n], []
+                del c._pending[:n], c._sizes[:n]
+                c._pending_bytes -= taken
+            else:
+                c._wake_armed = False
+                if records or flushes:
+                    c._pending, c._sizes, c._flushes, c._pending_bytes = [], [], [], 0
         if records:
             for data, n in batch_frames(records, sizes, c._batch_bytes):
                 self.outq.append((data, n, None))

@@ -125,17 +125,22 @@ def prepare_record(
 
 
 def batch_frames(records: list[RecordTuple], sizes: list[int], batch_bytes: int) -> list[tuple[bytes, int]]:
-    """Encode records into BATCH frames of about `batch_bytes` each: [(frame, n_records)]."""
+    """Encode records into BATCH frames of at most about `batch_bytes` each: [(frame, n_records)].
+
+    A frame is closed before a record that would take it past `batch_bytes`, so no frame is
+    larger than `batch_bytes` or one record, whichever is larger (always below the daemon's
+    smallest allowed maximum frame).
+    """
     out: list[tuple[bytes, int]] = []
     start = 0
     acc = 0
     encode = _encoder.encode
     for i, size in enumerate(sizes):
-        acc += size
-        if acc >= batch_bytes:
-            out.append((frames.frame(frames.Kind.BATCH, encode(records[start : i + 1])), i + 1 - start))
-            start = i + 1
+        if acc and acc + size > batch_bytes:
+            out.append((frames.frame(frames.Kind.BATCH, encode(records[start:i])), i - start))
+            start = i
             acc = 0
+        acc += size
     if start < len(records):
         out.append((frames.frame(frames.Kind.BATCH, encode(records[start:])), len(records) - start))
     return out

@@ -94,3 +94,12 @@ def test_flush_after_close_is_false(daemon: DaemonProcess) -> None:
     assert client.stats()["acknowledged"] == 1
     assert client.flush() is False
     assert client.capture(b"1", b"2") is False
+
+
+def test_a_maximum_size_record_fits_the_default_buffer(daemon: DaemonProcess) -> None:
+    """Two 6 MiB bodies are more than the default 8 MiB buffer; an empty buffer takes them."""
+    big = b"7" * (6 * 1024 * 1024)
+    with CaptureClient(daemon.socket_path) as client:
+        assert client.capture(big, big, request_content_type="text/csv", response_content_type="text/csv")
+        assert client.flush(timeout=30)
+    assert daemon.status()["counters"] == {"received": 1, "written": 1, "dropped": {}}
