@@ -143,6 +143,18 @@ def _read(path: str, offset: int, length: int) -> bytes:
     return data
 
 
+#: No single S3 request may take longer than this. aiobotocore's read_timeout does not cover a
+#: request whose body is stuck behind a stalled connection (botocore sends `Expect: 100-continue`
+#: and aiohttp starts its read timer only after the body is written): without this, an upload
+#: to a stalled endpoint hangs forever.
+REQUEST_TIMEOUT_S = 120.0
+
+
+async def _call(coro: Any) -> Any:
+    async with asyncio.timeout(REQUEST_TIMEOUT_S):
+        return await coro
+
+
 class S3Destination:
     """A `deliver.Destination` for `s3://bucket[/prefix]`."""
 
@@ -201,13 +213,17 @@ class S3Destination:
 
     async def _put_object(self, path: str, key: str, size: int) -> None:
         body = await asyncio.to_thread(_read, path, 0, size)
-        await self._client.put_object(
-            Bucket=self.bucket, Key=key, Body=body, ChecksumAlgorithm="CRC32", **self._sse()
+        await _call(
+            self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=body, ChecksumAlgorithm="CRC32", **self._sse()
+            )
         )
 
     async def _multipart(self, path: str, key: str, size: int) -> None:
-        created = await self._client.create_multipart_upload(
-            Bucket=self.bucket, Key=key, ChecksumAlgorithm="CRC32", **self._sse()
+        created = await _call(
+            self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, ChecksumAlgorithm="CRC32", **self._sse()
+            )
         )
         upload_id = created["UploadId"]
         try:  # acquire, then register the cleanup: any failure or cancellation aborts the upload
@@ -217,8 +233,10 @@ class S3Destination:
                     for number, (offset, length) in enumerate(plan_parts(size, self.cfg.part_size_bytes), 1)
                 )
             )
-            await self._client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            await _call(
+                self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                )
             )
         except BaseException:
             await asyncio.shield(self._abort(key, upload_id))
@@ -229,13 +247,15 @@ class S3Destination:
     ) -> dict[str, Any]:
         async with self._parts:
             body = await asyncio.to_thread(_read, path, offset, length)
-            resp = await self._client.upload_part(
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=body,
-                ChecksumAlgorithm="CRC32",
+            resp = await _call(
+                self._client.upload_part(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,
+                    ChecksumAlgorithm="CRC32",
+                )
             )
         part = {"PartNumber": number, "ETag": resp["ETag"]}
         if "ChecksumCRC32" in resp:

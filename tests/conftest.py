@@ -18,11 +18,17 @@ import pytest
 
 from captured.cli import query_status
 
+# A real S3-compatible server (moto, in a child process) and a fault proxy: see s3fixtures.py.
+pytest_plugins = ["s3fixtures"]
+
 
 class DaemonProcess:
     """One daemon subprocess with its own socket, spool and file:// destination."""
 
-    def __init__(self, root: Path, extra_toml: str = "", args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, root: Path, extra_toml: str = "", args: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ) -> None:
+        self.env = env
         self.root = root
         self.socket_path = str(root / "c.sock")
         self.spool_dir = root / "spool"
@@ -55,7 +61,7 @@ class DaemonProcess:
             self.write_config()
         cmd = [sys.executable, "-m", "captured", "serve", "--config", str(self.config_path), *self.args]
         self._log = open(self.stderr_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stderr=self._log, stdout=self._log)
+        self.proc = subprocess.Popen(cmd, stderr=self._log, stdout=self._log, env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -110,10 +116,12 @@ def daemon_factory(short_tmp: Path) -> Iterator[Any]:
     """Make (not start) daemons; every one still running at the end is stopped."""
     made: list[DaemonProcess] = []
 
-    def make(extra_toml: str = "", args: tuple[str, ...] = (), name: str = "d") -> DaemonProcess:
+    def make(
+        extra_toml: str = "", args: tuple[str, ...] = (), name: str = "d", env: dict[str, str] | None = None
+    ) -> DaemonProcess:
         root = short_tmp / name
         root.mkdir(exist_ok=True)
-        d = DaemonProcess(root, extra_toml, args)
+        d = DaemonProcess(root, extra_toml, args, env)
         made.append(d)
         return d
 

@@ -32,8 +32,6 @@ from botocore.exceptions import (
 )
 from s3fixtures import FaultProxy, MotoServer, S3Sandbox
 
-pytest_plugins = ["s3fixtures"]
-
 MiB = 1024 * 1024
 PART = 5 * MiB
 

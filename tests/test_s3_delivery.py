@@ -1,0 +1,107 @@
+"""Delivery to S3: the real daemon uploads to a real S3-compatible server (moto) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from typing import Any
+
+from conftest import DaemonProcess
+from s3fixtures import S3Sandbox
+
+from captured import CaptureClient
+
+KEY = re.compile(
+    r"captures/test-endpoint/AllTraffic/(\d{4})/(\d\d)/(\d\d)/(\d\d)/\d\d-\d\d-\d{3}-[0-9a-f-]{36}\.jsonl"
+)
+
+
+def s3_daemon(
+    daemon_factory: Any, s3: S3Sandbox, aws_env: dict[str, str], kms: str | None = None
+) -> DaemonProcess:
+    d: DaemonProcess = daemon_factory(
+        extra_toml=f'[s3]\nendpoint_url = "{s3.endpoint_url}"\nregion = "us-east-1"\n', env=aws_env
+    )
+    d.write_config(
+        "[DataCaptureConfig]\nInitialSamplingPercentage = 100\n"
+        f'DestinationS3Uri = "s3://{s3.bucket}/captures/"\n'  # a trailing "/" must not give "//"
+        'CaptureOptions = [{ CaptureMode = "Input" }, { CaptureMode = "Output" }]\n'
+        + (f'KmsKeyId = "{kms}"\n' if kms else "")
+        + '[DataCaptureConfig.CaptureContentTypeHeader]\nCsvContentTypes = ["text/csv"]\n'
+    )
+    return d.start()
+
+
+def objects(s3: S3Sandbox) -> dict[str, bytes]:
+    listed = s3.client.list_objects_v2(Bucket=s3.bucket).get("Contents", [])
+    return {o["Key"]: s3.client.get_object(Bucket=s3.bucket, Key=o["Key"])["Body"].read() for o in listed}
+
+
+def test_records_reach_s3_under_sagemaker_keys_exactly_once(
+    daemon_factory: Any, s3: S3Sandbox, aws_env: dict[str, str]
+) -> None:
+    """Records of two hours are captured, the daemon stops (seal + deliver), and each record is in
+    exactly one object under prefix/endpoint/variant/yyyy/mm/dd/hh/; the spool is empty."""
+    d = s3_daemon(daemon_factory, s3, aws_env, kms="alias/captures")
+    base = dt.datetime(2026, 3, 1, 10, 59, 58, tzinfo=dt.UTC).timestamp()
+    with CaptureClient(d.socket_path) as client:
+        for i in range(400):
+            client.capture(
+                f"{i},1\n",
+                "0",
+                request_content_type="text/csv",
+                response_content_type="text/csv",
+                inference_id=str(i),
+                inference_time=base + i * 0.01,
+            )
+        assert client.flush(timeout=10)
+    assert d.stop() == 0, d.log()
+    found = objects(s3)
+    assert found, d.log()
+    hours = set()
+    ids: list[int] = []
+    for key, body in found.items():
+        m = KEY.fullmatch(key)
+        assert m, key
+        hours.add(m.group(4))
+        ids += [int(json.loads(line)["eventMetadata"]["inferenceId"]) for line in body.splitlines()]
+        head = s3.client.head_object(Bucket=s3.bucket, Key=key)
+        assert head["ServerSideEncryption"] == "aws:kms" and head["SSEKMSKeyId"] == "alias/captures"
+    assert hours == {"10", "11"}
+    assert sorted(ids) == list(range(400))
+    assert [p.name for p in d.spool_dir.iterdir()] == [".lock"]
+
+
+def test_a_large_file_goes_up_as_multipart_and_a_small_one_with_put_object(
+    daemon_factory: Any, s3: S3Sandbox, aws_env: dict[str, str]
+) -> None:
+    d: DaemonProcess = daemon_factory(
+        extra_toml=(
+            f'[s3]\nendpoint_url = "{s3.endpoint_url}"\nregion = "us-east-1"\n'
+            "multipart_threshold_bytes = 5242880\npart_size_bytes = 5242880\nmax_concurrent_parts = 4\n"
+        ),
+        env=aws_env,
+    )
+    d.write_config(
+        "[DataCaptureConfig]\nInitialSamplingPercentage = 100\n"
+        f'DestinationS3Uri = "s3://{s3.bucket}/captures"\n'
+        'CaptureOptions = [{ CaptureMode = "Input" }]\n'
+        '[DataCaptureConfig.CaptureContentTypeHeader]\nCsvContentTypes = ["text/csv"]\n'
+    )
+    d.start()
+    body = b"1," * 300_000 + b"\n"  # 600 KB per record
+    big_hour = dt.datetime(2026, 3, 1, 10, 0, 1, tzinfo=dt.UTC).timestamp()
+    small_hour = dt.datetime(2026, 3, 1, 12, 0, 1, tzinfo=dt.UTC).timestamp()
+    with CaptureClient(d.socket_path, buffer_bytes=64 * 1024 * 1024) as client:
+        for _ in range(20):  # ~12 MB in hour 10: three 5 MiB parts
+            assert client.capture(body, None, request_content_type="text/csv", inference_time=big_hour)
+        client.capture(b"1,2\n", None, request_content_type="text/csv", inference_time=small_hour)
+        assert client.flush(timeout=30)
+    assert d.stop() == 0, d.log()
+    etags = {}
+    for key in objects(s3):
+        etags[KEY.fullmatch(key).group(4)] = s3.client.head_object(Bucket=s3.bucket, Key=key)["ETag"]  # type: ignore[union-attr]
+    assert etags["10"].strip('"').endswith("-3")
+    assert "-" not in etags["12"]
+    assert s3.client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []
