@@ -103,7 +103,8 @@ class Daemon:
         if isinstance(dest, S3Destination):
             keys = [object_key(p) for p in self.delivery.waiting_paths()]
             try:
-                aborted = await dest.abort_stale(keys)
+                async with asyncio.timeout(30):  # a stalled S3 must not hold up start-up
+                    aborted = await dest.abort_stale(keys)
             except Exception as exc:  # S3 unreachable now: delivery retries; the aborts wait
                 log.warning("could not look for multipart uploads left by an earlier run: %s", exc)
             else:
