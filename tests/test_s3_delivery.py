@@ -7,7 +7,7 @@ import json
 import re
 from typing import Any
 
-from conftest import DaemonProcess
+from conftest import DaemonProcess, wait_for
 from s3fixtures import S3Sandbox
 
 from captured import CaptureClient
@@ -18,14 +18,24 @@ KEY = re.compile(
 
 
 def s3_daemon(
-    daemon_factory: Any, s3: S3Sandbox, aws_env: dict[str, str], kms: str | None = None
+    daemon_factory: Any,
+    s3: S3Sandbox,
+    aws_env: dict[str, str],
+    kms: str | None = None,
+    endpoint_url: str | None = None,
+    bucket: str | None = None,
 ) -> DaemonProcess:
     d: DaemonProcess = daemon_factory(
-        extra_toml=f'[s3]\nendpoint_url = "{s3.endpoint_url}"\nregion = "us-east-1"\n', env=aws_env
+        extra_toml=(
+            "[spool]\nmax_file_age_s = 0.5\n"
+            f'[s3]\nendpoint_url = "{endpoint_url or s3.endpoint_url}"\nregion = "us-east-1"\n'
+            "shutdown_timeout_s = 3\n"
+        ),
+        env=aws_env,
     )
     d.write_config(
         "[DataCaptureConfig]\nInitialSamplingPercentage = 100\n"
-        f'DestinationS3Uri = "s3://{s3.bucket}/captures/"\n'  # a trailing "/" must not give "//"
+        f'DestinationS3Uri = "s3://{bucket or s3.bucket}/captures/"\n'  # a trailing "/" must not give "//"
         'CaptureOptions = [{ CaptureMode = "Input" }, { CaptureMode = "Output" }]\n'
         + (f'KmsKeyId = "{kms}"\n' if kms else "")
         + '[DataCaptureConfig.CaptureContentTypeHeader]\nCsvContentTypes = ["text/csv"]\n'
@@ -105,3 +115,61 @@ def test_a_large_file_goes_up_as_multipart_and_a_small_one_with_put_object(
     assert etags["10"].strip('"').endswith("-3")
     assert "-" not in etags["12"]
     assert s3.client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []
+
+
+def capture_n(d: DaemonProcess, n: int, start: int = 0) -> None:
+    with CaptureClient(d.socket_path) as client:
+        for i in range(start, start + n):
+            client.capture(
+                f"{i},1\n",
+                "0",
+                request_content_type="text/csv",
+                response_content_type="text/csv",
+                inference_id=str(i),
+            )
+        assert client.flush(timeout=10)
+
+
+def delivered_ids(s3: S3Sandbox) -> list[int]:
+    return sorted(
+        int(json.loads(line)["eventMetadata"]["inferenceId"])
+        for body in objects(s3).values()
+        for line in body.splitlines()
+    )
+
+
+def test_an_s3_outage_loses_and_duplicates_nothing(
+    daemon_factory: Any, s3: S3Sandbox, aws_env: dict[str, str], s3_proxy: Any
+) -> None:
+    """S3 refuses connections while records are captured and files sealed: the files wait in the
+    spool, failures are counted as retryable; when S3 is back, delivery resumes by itself and
+    every record is in S3 exactly once."""
+    s3_proxy.set_mode("refuse")
+    d = s3_daemon(daemon_factory, s3, aws_env, endpoint_url=s3_proxy.endpoint_url)
+    capture_n(d, 100)
+    wait_for(lambda: d.status()["delivery"]["failures"].get("connection", 0) >= 2, timeout=30)
+    capture_n(d, 100, start=100)
+    assert d.status()["delivery"]["files_waiting"] >= 1
+    assert objects(s3) == {}
+    s3_proxy.set_mode("pass")
+    wait_for(
+        lambda: d.status()["delivery"]["files_waiting"] == 0 and d.status()["spool"]["open_files"] == 0,
+        timeout=60,
+    )
+    assert delivered_ids(s3) == list(range(200))
+    assert d.stop() == 0
+    assert delivered_ids(s3) == list(range(200))
+    assert "delivery of" in d.log() and "(connection), retrying" in d.log()
+
+
+def test_a_missing_bucket_is_a_counted_fatal_failure_and_the_files_stay(
+    daemon_factory: Any, s3: S3Sandbox, aws_env: dict[str, str]
+) -> None:
+    d = s3_daemon(daemon_factory, s3, aws_env, bucket="no-such-bucket-here")
+    capture_n(d, 10)
+    wait_for(lambda: d.status()["delivery"]["failures"].get("no_such_bucket", 0) >= 1, timeout=30)
+    assert d.status()["delivery"]["files_waiting"] == 1
+    log = d.log()
+    assert log.count("(no_such_bucket)") == 1 and "until the cause is fixed" in log
+    assert d.stop() == 0  # shutdown gives up after s3.shutdown_timeout_s; the file is kept
+    assert len(list(d.spool_dir.glob("*.jsonl"))) == 1
