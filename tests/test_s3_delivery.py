@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import signal
 from typing import Any
 
 from conftest import DaemonProcess, wait_for
@@ -173,3 +174,49 @@ def test_a_missing_bucket_is_a_counted_fatal_failure_and_the_files_stay(
     assert log.count("(no_such_bucket)") == 1 and "until the cause is fixed" in log
     assert d.stop() == 0  # shutdown gives up after s3.shutdown_timeout_s; the file is kept
     assert len(list(d.spool_dir.glob("*.jsonl"))) == 1
+
+
+def test_sigkill_during_a_multipart_upload_leaves_no_orphan_and_no_duplicate(
+    daemon_factory: Any, s3: S3Sandbox, aws_env: dict[str, str], s3_proxy: Any
+) -> None:
+    """The daemon is killed with SIGKILL while a multipart upload is open (its parts frozen by the
+    proxy); the next start aborts that upload, uploads the file again under the same key, and
+    the bucket ends with exactly the captured records and no open multipart upload."""
+    d: DaemonProcess = daemon_factory(
+        extra_toml=(
+            "[spool]\nmax_file_age_s = 0.5\n"
+            f'[s3]\nendpoint_url = "{s3_proxy.endpoint_url}"\nregion = "us-east-1"\n'
+            "multipart_threshold_bytes = 5242880\npart_size_bytes = 5242880\nmax_concurrent_parts = 1\n"
+        ),
+        env=aws_env,
+    )
+    d.write_config(
+        "[DataCaptureConfig]\nInitialSamplingPercentage = 100\n"
+        f'DestinationS3Uri = "s3://{s3.bucket}/captures"\n'
+        'CaptureOptions = [{ CaptureMode = "Input" }]\n'
+        '[DataCaptureConfig.CaptureContentTypeHeader]\nCsvContentTypes = ["text/csv"]\n'
+    )
+    d.start()
+    body = b"1," * 300_000 + b"\n"
+    with CaptureClient(d.socket_path, buffer_bytes=64 * 1024 * 1024) as client:
+        for i in range(20):
+            assert client.capture(body, None, request_content_type="text/csv", inference_id=str(i))
+        assert client.flush(timeout=30)
+
+    def open_uploads() -> list[Any]:
+        return s3.client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", [])
+
+    wait_for(open_uploads, timeout=30, interval=0.005)
+    s3_proxy.set_mode("stall")
+    d.stop(signal.SIGKILL)
+    assert len(open_uploads()) == 1
+    assert objects(s3) == {}
+    s3_proxy.set_mode("pass")
+    d.start()
+    wait_for(lambda: d.status()["delivery"]["files_waiting"] == 0 and objects(s3), timeout=60)
+    assert d.stop() == 0
+    assert open_uploads() == []
+    (body_bytes,) = objects(s3).values()
+    ids = [json.loads(line)["eventMetadata"]["inferenceId"] for line in body_bytes.splitlines()]
+    assert sorted(ids, key=int) == [str(i) for i in range(20)]
+    assert "aborted 1 multipart upload(s) left open by an earlier run" in d.log()
