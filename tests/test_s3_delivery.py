@@ -220,3 +220,20 @@ def test_sigkill_during_a_multipart_upload_leaves_no_orphan_and_no_duplicate(
     ids = [json.loads(line)["eventMetadata"]["inferenceId"] for line in body_bytes.splitlines()]
     assert sorted(ids, key=int) == [str(i) for i in range(20)]
     assert "aborted 1 multipart upload(s) left open by an earlier run" in d.log()
+
+
+def test_access_denied_is_logged_once_counted_and_the_files_stay(
+    daemon_factory: Any, s3: S3Sandbox, aws_env: dict[str, str]
+) -> None:
+    """With IAM enforced, the daemon's credentials are refused (403): one log line naming the
+    cause, failures counted as a fatal cause, the sealed file kept in the spool."""
+    d = s3_daemon(daemon_factory, s3, aws_env)
+    with s3.server.iam_auth():
+        capture_n(d, 10)
+        wait_for(lambda: d.status()["delivery"]["failures"].get("bad_credentials", 0) >= 1, timeout=30)
+        assert d.status()["delivery"]["files_waiting"] == 1
+        assert d.stop() == 0
+    log = d.log()
+    assert log.count("(bad_credentials)") == 1 and "InvalidAccessKeyId" in log
+    assert len(list(d.spool_dir.glob("*.jsonl"))) == 1
+    assert objects(s3) == {}
