@@ -116,6 +116,9 @@ class S3Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_concurrent_parts: int = 8
     #: On SIGTERM, how long sealed files keep uploading before the rest waits for the next start.
     shutdown_timeout_s: float = 30.0
+    #: After a failure no retry can mend by itself (access denied, no such bucket, bad KMS key):
+    #: how long until the next try, so a fixed permission resumes delivery without a restart.
+    fatal_retry_s: float = 60.0
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -364,6 +367,12 @@ def _s3(ck: _Checker, value: object) -> S3Config:
             table.get("shutdown_timeout_s", d.shutdown_timeout_s),
             lambda x: 0 <= x <= 3600,
             "must be a number of seconds from 0 to 3600",
+        ),
+        fatal_retry_s=ck.number(
+            "s3.fatal_retry_s",
+            table.get("fatal_retry_s", d.fatal_retry_s),
+            lambda x: 1 <= x <= 3600,
+            "must be a number of seconds from 1 to 3600",
         ),
     )
 

@@ -196,7 +196,7 @@ def make_delivery(cfg: Config) -> Delivery:
     uri = cfg.DataCaptureConfig.DestinationS3Uri
     if uri.startswith("s3://"):
         dest = S3Destination(uri, cfg.s3, kms_key_id=cfg.DataCaptureConfig.KmsKeyId)
-        return Delivery(dest, workers=cfg.s3.max_concurrent_uploads)
+        return Delivery(dest, workers=cfg.s3.max_concurrent_uploads, fatal_retry_s=cfg.s3.fatal_retry_s)
     return Delivery(LocalDestination(uri))
 
 

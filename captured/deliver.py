@@ -113,8 +113,12 @@ class Delivery:
     FATAL_RETRY_S = 60.0
     REPORT_EVERY_S = 60.0
 
-    def __init__(self, destination: Destination, *, workers: int = 1) -> None:
+    def __init__(
+        self, destination: Destination, *, workers: int = 1, fatal_retry_s: float | None = None
+    ) -> None:
         self.destination = destination
+        if fatal_retry_s is not None:
+            self.FATAL_RETRY_S = fatal_retry_s
         self.workers = workers
         self._queue: collections.deque[Waiting] = collections.deque()
         self._in_flight: list[Waiting] = []

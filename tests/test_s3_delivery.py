@@ -25,12 +25,13 @@ def s3_daemon(
     kms: str | None = None,
     endpoint_url: str | None = None,
     bucket: str | None = None,
+    extra_s3: str = "",
 ) -> DaemonProcess:
     d: DaemonProcess = daemon_factory(
         extra_toml=(
             "[spool]\nmax_file_age_s = 0.5\n"
             f'[s3]\nendpoint_url = "{endpoint_url or s3.endpoint_url}"\nregion = "us-east-1"\n'
-            "shutdown_timeout_s = 3\n"
+            "shutdown_timeout_s = 3\n" + extra_s3
         ),
         env=aws_env,
     )
@@ -222,18 +223,20 @@ def test_sigkill_during_a_multipart_upload_leaves_no_orphan_and_no_duplicate(
     assert "aborted 1 multipart upload(s) left open by an earlier run" in d.log()
 
 
-def test_access_denied_is_logged_once_counted_and_the_files_stay(
+def test_access_denied_is_logged_once_counted_and_resumes_once_fixed(
     daemon_factory: Any, s3: S3Sandbox, aws_env: dict[str, str]
 ) -> None:
     """With IAM enforced, the daemon's credentials are refused (403): one log line naming the
-    cause, failures counted as a fatal cause, the sealed file kept in the spool."""
-    d = s3_daemon(daemon_factory, s3, aws_env)
+    cause, failures counted as a fatal cause, the sealed file kept in the spool; once IAM lets
+    the credentials through, the file is delivered at the slow retry pace, without a restart."""
+    d = s3_daemon(daemon_factory, s3, aws_env, extra_s3="fatal_retry_s = 1\n")
     with s3.server.iam_auth():
         capture_n(d, 10)
-        wait_for(lambda: d.status()["delivery"]["failures"].get("bad_credentials", 0) >= 1, timeout=30)
-        assert d.status()["delivery"]["files_waiting"] == 1
-        assert d.stop() == 0
+        wait_for(lambda: d.status()["delivery"]["failures"].get("bad_credentials", 0) >= 2, timeout=30)
+        assert d.status()["delivery"]["files_waiting"] == 1  # (the test's own client is refused too)
     log = d.log()
     assert log.count("(bad_credentials)") == 1 and "InvalidAccessKeyId" in log
-    assert len(list(d.spool_dir.glob("*.jsonl"))) == 1
-    assert objects(s3) == {}
+    # The permission is fixed (IAM no longer enforced): delivery resumes without a restart.
+    wait_for(lambda: d.status()["delivery"]["files_waiting"] == 0, timeout=30)
+    assert delivered_ids(s3) == list(range(10))
+    assert d.stop() == 0
