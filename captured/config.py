@@ -119,6 +119,8 @@ class S3Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: After a failure no retry can mend by itself (access denied, no such bucket, bad KMS key):
     #: how long until the next try, so a fixed permission resumes delivery without a restart.
     fatal_retry_s: float = 60.0
+    #: No single S3 request may take longer (a stalled connection otherwise hangs an upload).
+    request_timeout_s: float = 120.0
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -371,6 +373,12 @@ def _s3(ck: _Checker, value: object) -> S3Config:
         fatal_retry_s=ck.number(
             "s3.fatal_retry_s",
             table.get("fatal_retry_s", d.fatal_retry_s),
+            lambda x: 1 <= x <= 3600,
+            "must be a number of seconds from 1 to 3600",
+        ),
+        request_timeout_s=ck.number(
+            "s3.request_timeout_s",
+            table.get("request_timeout_s", d.request_timeout_s),
             lambda x: 1 <= x <= 3600,
             "must be a number of seconds from 1 to 3600",
         ),

@@ -143,18 +143,6 @@ def _read(path: str, offset: int, length: int) -> bytes:
     return data
 
 
-#: No single S3 request may take longer than this. aiobotocore's read_timeout does not cover a
-#: request whose body is stuck behind a stalled connection (botocore sends `Expect: 100-continue`
-#: and aiohttp starts its read timer only after the body is written): without this, an upload
-#: to a stalled endpoint hangs forever.
-REQUEST_TIMEOUT_S = 120.0
-
-
-async def _call(coro: Any) -> Any:
-    async with asyncio.timeout(REQUEST_TIMEOUT_S):
-        return await coro
-
-
 class S3Destination:
     """A `deliver.Destination` for `s3://bucket[/prefix]`."""
 
@@ -189,6 +177,13 @@ class S3Destination:
         await self._stack.aclose()
         self._client = None
 
+    async def _call(self, coro: Any) -> Any:
+        # aiobotocore's read_timeout does not cover a request whose body is stuck behind a
+        # stalled connection (botocore sends `Expect: 100-continue` and aiohttp starts its read
+        # timer only after the body is written): without this bound, such an upload hangs forever.
+        async with asyncio.timeout(self.cfg.request_timeout_s):
+            return await coro
+
     def key_for(self, relative_key: str) -> str:
         return s3_key(self.prefix, relative_key)
 
@@ -213,14 +208,14 @@ class S3Destination:
 
     async def _put_object(self, path: str, key: str, size: int) -> None:
         body = await asyncio.to_thread(_read, path, 0, size)
-        await _call(
+        await self._call(
             self._client.put_object(
                 Bucket=self.bucket, Key=key, Body=body, ChecksumAlgorithm="CRC32", **self._sse()
             )
         )
 
     async def _multipart(self, path: str, key: str, size: int) -> None:
-        created = await _call(
+        created = await self._call(
             self._client.create_multipart_upload(
                 Bucket=self.bucket, Key=key, ChecksumAlgorithm="CRC32", **self._sse()
             )
@@ -233,7 +228,7 @@ class S3Destination:
                     for number, (offset, length) in enumerate(plan_parts(size, self.cfg.part_size_bytes), 1)
                 )
             )
-            await _call(
+            await self._call(
                 self._client.complete_multipart_upload(
                     Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
                 )
@@ -247,7 +242,7 @@ class S3Destination:
     ) -> dict[str, Any]:
         async with self._parts:
             body = await asyncio.to_thread(_read, path, offset, length)
-            resp = await _call(
+            resp = await self._call(
                 self._client.upload_part(
                     Bucket=self.bucket,
                     Key=key,

@@ -240,3 +240,24 @@ def test_access_denied_is_logged_once_counted_and_resumes_once_fixed(
     wait_for(lambda: d.status()["delivery"]["files_waiting"] == 0, timeout=30)
     assert delivered_ids(s3) == list(range(10))
     assert d.stop() == 0
+
+
+def test_a_stalled_s3_endpoint_times_out_and_delivery_resumes(
+    daemon_factory: Any, s3: S3Sandbox, aws_env: dict[str, str], s3_proxy: Any
+) -> None:
+    """The endpoint accepts connections but never answers: each request times out (a retryable
+    cause), the files wait; once it answers again every record arrives exactly once."""
+    s3_proxy.set_mode("stall")
+    d = s3_daemon(
+        daemon_factory, s3, aws_env, endpoint_url=s3_proxy.endpoint_url, extra_s3="request_timeout_s = 1\n"
+    )
+    capture_n(d, 50)
+    wait_for(lambda: d.status()["delivery"]["failures"].get("timeout", 0) >= 1, timeout=30)
+    assert d.status()["delivery"]["files_waiting"] >= 1
+    s3_proxy.set_mode("pass")
+    wait_for(
+        lambda: d.status()["delivery"]["files_waiting"] == 0 and d.status()["spool"]["open_files"] == 0,
+        timeout=60,
+    )
+    assert d.stop() == 0
+    assert delivered_ids(s3) == list(range(50))
