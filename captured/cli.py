@@ -119,6 +119,9 @@ def _format_status(doc: dict[str, Any]) -> str:
         f"records             received {c['received']}, written {c['written']}, dropped: {dropped}",
         f"files               open {doc['spool']['open_files']}, sealed {doc['spool']['files_sealed']}, "
         f"delivered {d.get('files_delivered', 0)}, waiting {d.get('files_waiting', 0)}",
+        f"delivery            {d.get('bytes_delivered', 0)} bytes delivered, {d.get('retries', 0)} retries, "
+        f"failures: {', '.join(f'{k} {v}' for k, v in sorted(d.get('failures', {}).items())) or 'none'}, "
+        f"oldest waiting {d.get('oldest_waiting_s', 0):.0f}s",
         f"clients connected   {doc['ingest']['connections']}",
         f"uptime              {doc['uptime_s']:.0f}s, version {doc['version']}, pid {doc['pid']}",
     ]
