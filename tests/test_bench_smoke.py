@@ -59,3 +59,26 @@ def test_client_overhead_bench_runs_all_scenarios() -> None:
         assert result["calls"] == RECORDS, name
         assert result["ok"], result
     assert doc["results"]["stalled"]["flushed"] is True
+
+
+@pytest.mark.timeout(120)
+def test_upload_bench_runs_and_verifies_both_systems() -> None:
+    """`bench/upload.py --files 2 --size-mb 6 --json` uploads two 6 MiB files to a local moto server
+    with captured's uploader and with boto3's upload_file, and must exit 0 with every object found
+    (count and size) for both. No timings are checked.
+    """
+    script = Path(__file__).resolve().parent.parent / "bench" / "upload.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--files", "2", "--size-mb", "6", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    doc = json.loads(proc.stdout)
+    assert set(doc["results"]) == {"captured", "boto3"}
+    for result in doc["results"].values():
+        assert result["ok"], result
+        assert result["objects_verified"] == 2
+        assert result["files"] == 2
+    assert set(doc["ratios"]) == {"mb_per_s", "cpu_s_per_gb"}
