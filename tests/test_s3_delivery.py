@@ -85,13 +85,21 @@ def test_records_reach_s3_under_sagemaker_keys_exactly_once(
     assert [p.name for p in d.spool_dir.iterdir()] == [".lock"]
 
 
-def test_a_large_file_goes_up_as_multipart_and_a_small_one_with_put_object(
-    daemon_factory: Any, s3: S3Sandbox, aws_env: dict[str, str]
-) -> None:
+def multipart_daemon(
+    daemon_factory: Any,
+    s3: S3Sandbox,
+    aws_env: dict[str, str],
+    endpoint_url: str,
+    *,
+    parts: int,
+    seal_after_s: float = 60.0,
+) -> DaemonProcess:
+    """A running daemon capturing Input only, with 5 MiB multipart threshold and parts."""
     d: DaemonProcess = daemon_factory(
         extra_toml=(
-            f'[s3]\nendpoint_url = "{s3.endpoint_url}"\nregion = "us-east-1"\n'
-            "multipart_threshold_bytes = 5242880\npart_size_bytes = 5242880\nmax_concurrent_parts = 4\n"
+            f"[spool]\nmax_file_age_s = {seal_after_s}\n"
+            f'[s3]\nendpoint_url = "{endpoint_url}"\nregion = "us-east-1"\n'
+            f"multipart_threshold_bytes = 5242880\npart_size_bytes = 5242880\nmax_concurrent_parts = {parts}\n"
         ),
         env=aws_env,
     )
@@ -101,7 +109,13 @@ def test_a_large_file_goes_up_as_multipart_and_a_small_one_with_put_object(
         'CaptureOptions = [{ CaptureMode = "Input" }]\n'
         '[DataCaptureConfig.CaptureContentTypeHeader]\nCsvContentTypes = ["text/csv"]\n'
     )
-    d.start()
+    return d.start()
+
+
+def test_a_large_file_goes_up_as_multipart_and_a_small_one_with_put_object(
+    daemon_factory: Any, s3: S3Sandbox, aws_env: dict[str, str]
+) -> None:
+    d = multipart_daemon(daemon_factory, s3, aws_env, s3.endpoint_url, parts=4)
     body = b"1," * 300_000 + b"\n"  # 600 KB per record
     big_hour = dt.datetime(2026, 3, 1, 10, 0, 1, tzinfo=dt.UTC).timestamp()
     small_hour = dt.datetime(2026, 3, 1, 12, 0, 1, tzinfo=dt.UTC).timestamp()
@@ -183,21 +197,7 @@ def test_sigkill_during_a_multipart_upload_leaves_no_orphan_and_no_duplicate(
     """The daemon is killed with SIGKILL while a multipart upload is open (its parts frozen by the
     proxy); the next start aborts that upload, uploads the file again under the same key, and
     the bucket ends with exactly the captured records and no open multipart upload."""
-    d: DaemonProcess = daemon_factory(
-        extra_toml=(
-            "[spool]\nmax_file_age_s = 0.5\n"
-            f'[s3]\nendpoint_url = "{s3_proxy.endpoint_url}"\nregion = "us-east-1"\n'
-            "multipart_threshold_bytes = 5242880\npart_size_bytes = 5242880\nmax_concurrent_parts = 1\n"
-        ),
-        env=aws_env,
-    )
-    d.write_config(
-        "[DataCaptureConfig]\nInitialSamplingPercentage = 100\n"
-        f'DestinationS3Uri = "s3://{s3.bucket}/captures"\n'
-        'CaptureOptions = [{ CaptureMode = "Input" }]\n'
-        '[DataCaptureConfig.CaptureContentTypeHeader]\nCsvContentTypes = ["text/csv"]\n'
-    )
-    d.start()
+    d = multipart_daemon(daemon_factory, s3, aws_env, s3_proxy.endpoint_url, parts=1, seal_after_s=0.5)
     body = b"1," * 300_000 + b"\n"
     with CaptureClient(d.socket_path, buffer_bytes=64 * 1024 * 1024) as client:
         for i in range(20):
