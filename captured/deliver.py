@@ -201,6 +201,10 @@ class Delivery:
                 self._in_flight.remove(item)
 
     async def _deliver(self, item: Waiting) -> None:
+        if not os.path.exists(item.path):  # removed from the spool by hand: nothing to deliver
+            self.failures["file_missing"] = self.failures.get("file_missing", 0) + 1
+            log.warning("%s vanished from the spool before delivery; dropping it from the queue", item.path)
+            return
         try:
             await self.destination.put(item.path, spool.object_key(item.path))
         except asyncio.CancelledError:

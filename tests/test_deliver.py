@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,3 +97,16 @@ def test_scan_spool_takes_only_its_endpoint(tmp_path: Path) -> None:
     sealed, parts = scan_spool(str(tmp_path), "ep")
     assert [os.path.basename(p) for p, _ in sealed] == [NAME]
     assert [os.path.basename(p) for p in parts] == [NAME + ".part"]
+
+
+def test_a_file_removed_from_the_spool_is_not_retried_forever(tmp_path: Path) -> None:
+    async def go() -> dict[str, Any]:
+        d = Delivery(LocalDestination(f"file://{tmp_path / 'out'}"))
+        d.start()
+        d.submit(str(tmp_path / NAME), 2)  # never existed
+        assert await d.drain(5)
+        await d.stop()
+        return d.stats()
+
+    stats = asyncio.run(go())
+    assert stats["failures"] == {"file_missing": 1} and stats["files_waiting"] == 0
