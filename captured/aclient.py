@@ -47,6 +47,7 @@ from .record import (
     Body,
     RecordTuple,
     batch_frames,
+    buffer_takes,
     prepare_record,
 )
 
@@ -195,7 +196,7 @@ class AsyncCaptureClient:
         if self._closed:
             self._drop(CLOSED, 1)
             return False
-        if self._pending_bytes + size > self._buffer_bytes:
+        if not buffer_takes(self._pending_bytes, size, self._buffer_bytes, empty=not self._pending):
             self._drop(BUFFER_FULL, 1)
             return False
         was_empty = not self._pending

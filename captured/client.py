@@ -44,6 +44,7 @@ from .record import (
     Body,
     RecordTuple,
     batch_frames,
+    buffer_takes,
     prepare_record,
 )
 
@@ -146,9 +147,7 @@ class CaptureClient:
             if self._closed:
                 self._drop(CLOSED, 1)
                 return False
-            # An empty buffer takes any one record, so a maximum-size record (two 6 MiB bodies)
-            # fits whatever `buffer_bytes` is.
-            if self._pending_bytes + size > self._buffer_bytes and self._pending:
+            if not buffer_takes(self._pending_bytes, size, self._buffer_bytes, empty=not self._pending):
                 self._drop(BUFFER_FULL, 1)
                 return False
             self._pending.append(rec)

@@ -293,3 +293,17 @@ def test_validation_errors_raise() -> None:
     assert client.stats()["captured"] == 0
     with pytest.raises(ValueError):
         AsyncCaptureClient(max_body_bytes=8 * 1024 * 1024)
+
+
+def test_a_maximum_size_record_fits_the_default_buffer(daemon: DaemonProcess) -> None:
+    """Two 6 MiB bodies exceed the default 8 MiB buffer; an empty buffer takes them (the same
+    rule as CaptureClient's)."""
+    big = b"7" * (6 * 1024 * 1024)
+
+    async def main() -> bool:
+        async with AsyncCaptureClient(daemon.socket_path) as client:
+            ok = client.capture(big, big, request_content_type="text/csv", response_content_type="text/csv")
+            return ok and await client.flush(timeout=30)
+
+    assert run(main())
+    assert daemon.status()["counters"] == {"received": 1, "written": 1, "dropped": {}}
