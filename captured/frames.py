@@ -108,10 +108,6 @@ flush_decoder = msgspec.msgpack.Decoder(Flush)
 any_decoder = msgspec.msgpack.Decoder()
 
 
-def header(kind: Kind, length: int) -> bytes:
-    return HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, length)
-
-
 def frame(kind: Kind, payload: bytes) -> bytes:
     return HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, len(payload)) + payload
 
