@@ -7,6 +7,7 @@ every record processed. Then stop the server (SIGTERM) and count the lines it le
     python bench/ingest.py                      # 1,000,000 records, 2 senders, both systems
     python bench/ingest.py -n 200000 --payload 8k --sampling 10 --repeat 3 --json
     python bench/ingest.py --only captured --profile /tmp/prof   # py-spy on the daemon
+    python bench/ingest.py --only captured --s3  # also captured delivering to a local S3 server
 
 See bench/README.md for what each column means.
 """
@@ -14,6 +15,7 @@ See bench/README.md for what each column means.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -33,7 +35,9 @@ import psutil
 import pyspy
 from data import PAYLOAD_SIZES, body_bytes, payloads
 from senders import run_sender
-from servers import MAX_FILE_AGE_S, SYSTEMS, Server
+from servers import MAX_FILE_AGE_S, SYSTEMS, CapturedS3Server, Server
+
+TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
 
 POLL_S = 0.02
 FLUSH_TIMEOUT_S = 120.0
@@ -42,7 +46,8 @@ MB = 1_000_000
 PREWARM_LINE_OVERHEAD = 400
 #: Metrics whose median is reported when `--repeat` > 1.
 METRICS = ("wall_s", "records_per_s", "mb_per_s", "daemon_cpu_s", "daemon_user_s", "daemon_sys_s",
-           "cpu_s_per_m", "daemon_minor_faults", "peak_rss_mb", "sender_cpu_s", "sender_retries")  # fmt: skip
+           "cpu_s_per_m", "daemon_minor_faults", "peak_rss_mb", "sender_cpu_s", "sender_retries",
+           "s3_server_cpu_s")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +57,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampling", type=int, default=100, help="sampling percentage, 0..100 (default 100)")
     p.add_argument("--payload", choices=sorted(PAYLOAD_SIZES), default="250", help="request body size")
     p.add_argument("--only", choices=["captured", "naive", "both"], default="both")
+    p.add_argument(
+        "--s3",
+        action="store_true",
+        help="also run captured with S3 delivery to a local moto server (system captured-s3)",
+    )
+    p.add_argument(
+        "--s3-server-priority",
+        choices=["idle", "normal"],
+        default="idle",
+        help="CPU priority of the local S3 server: idle (default) runs it only on CPU time nobody "
+        "else wants, as if it were remote; normal lets it compete with the daemon and senders",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     p.add_argument("--repeat", type=int, default=1, help="runs per system; the median is reported")
     p.add_argument("--workdir", help="where spool and output files go (default: a directory under /tmp)")
@@ -188,12 +205,16 @@ def run_once(system: str, args: argparse.Namespace, run: int) -> dict[str, Any]:
             recorder = pyspy.Recorder(server.pid, out, args.profile_format)
             recorder.start()
             time.sleep(1.0)  # let py-spy attach before the clock starts
+        helper = psutil.Process(CapturedS3Server.moto.proc.pid) if system == "captured-s3" else None
         cpu0, faults0 = cpu_seconds(daemon), server.minor_faults()
+        helper0 = sum(cpu_seconds(helper)) if helper else 0.0
         t0 = time.perf_counter()
         pool.go.set()
         received, written, dropped = wait_processed(server, pool, args.records, args.timeout)
         wall = time.perf_counter() - t0
         cpu1, faults = cpu_seconds(daemon), server.minor_faults() - faults0
+        helper_cpu = sum(cpu_seconds(helper)) - helper0 if helper else 0.0
+        at_stop = server.snapshot()
         if recorder is not None:
             recorder.stop()
         senders = pool.finish(args.timeout)
@@ -228,6 +249,8 @@ def run_once(system: str, args: argparse.Namespace, run: int) -> dict[str, Any]:
         "peak_rss_mb": peak_rss / MB,
         "sender_cpu_s": sum(float(s["cpu_s"]) for s in senders),
         "sender_retries": sum(int(s["retries"]) for s in senders),
+        "s3_server_cpu_s": helper_cpu,
+        "at_clock_stop": at_stop,
         "senders": senders,
         "exit_code": rc,
         "output_files": files,
@@ -293,10 +316,11 @@ def source_digest() -> str:
     return h.hexdigest()[:12]
 
 
-def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    if "captured" not in results or "naive" not in results:
+def ratios(results: dict[str, dict[str, Any]], of: str = "captured", to: str = "naive") -> dict[str, float]:
+    """`of` / `to` for records/s and CPU s per million records; empty unless both ran."""
+    if of not in results or to not in results:
         return {}
-    c, n = results["captured"], results["naive"]
+    c, n = results[of], results[to]
     return {
         "records_per_s": c["records_per_s"] / n["records_per_s"],
         "cpu_s_per_m": c["cpu_s_per_m"] / n["cpu_s_per_m"],
@@ -341,8 +365,18 @@ def format_report(doc: dict[str, Any]) -> str:
     rat = doc["ratios"]
     if rat:
         lines.append(
-            f"captured / naive: records/s x{rat['records_per_s']:.2f} (target >= 5), "
+            f"captured / naive: records/s x{rat['records_per_s']:.2f} (target >= 8), "
             f"CPU s per 1M records x{rat['cpu_s_per_m']:.3f} ({1 / rat['cpu_s_per_m']:.1f}x less CPU)"
+        )
+    s3 = doc.get("s3_ratios")
+    if s3:
+        r = doc["results"]["captured-s3"]
+        up = r["at_clock_stop"]
+        lines.append(
+            f"captured-s3 / captured: records/s x{s3['records_per_s']:.3f} (target >= 0.8), "
+            f"CPU s per 1M records x{s3['cpu_s_per_m']:.3f}; "
+            f"{up['files_delivered']} file(s), {up['bytes_delivered'] / MB:.0f} MB uploaded before the clock "
+            f"stopped; the S3 server used {r['s3_server_cpu_s']:.2f} CPU s meanwhile"
         )
     for r in doc["results"].values():
         if "profile_summary" in r:
@@ -362,12 +396,24 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C so that every `finally` stops its processes and removes its files.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     systems = ["captured", "naive"] if args.only == "both" else [args.only]
+    if args.s3:
+        systems.insert(1, "captured-s3")
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
-    for i in range(args.repeat):
-        for system in systems:
-            if not args.json:
-                print(f"run {i + 1}/{args.repeat}: {system} ...", file=sys.stderr, flush=True)
-            runs[system].append(run_once(system, args, i))
+    with contextlib.ExitStack() as stack:
+        if args.s3:
+            sys.path.insert(0, str(TESTS_DIR))
+            from s3fixtures import MotoServer
+
+            moto = MotoServer(max_lifetime=args.timeout * args.repeat + 600).start()
+            stack.callback(moto.stop)
+            if args.s3_server_priority == "idle":
+                os.sched_setscheduler(moto.proc.pid, os.SCHED_IDLE, os.sched_param(0))
+            CapturedS3Server.moto = moto
+        for i in range(args.repeat):
+            for system in systems:
+                if not args.json:
+                    print(f"run {i + 1}/{args.repeat}: {system} ...", file=sys.stderr, flush=True)
+                runs[system].append(run_once(system, args, i))
     results = {s: median_result(r) if len(r) > 1 else r[0] for s, r in runs.items()}
     doc = {
         "machine": machine(),
@@ -384,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": results,
         "ratios": ratios(results),
+        "s3_ratios": ratios(results, "captured-s3", "captured"),
     }
     if args.repeat > 1:
         doc["runs"] = runs

@@ -105,7 +105,7 @@ def naive_sender(
 
 def run_sender(system: str, *args: Any) -> None:
     """Process target: run one sender; any failure is reported instead of a result."""
-    target = captured_sender if system == "captured" else naive_sender
+    target = naive_sender if system == "naive" else captured_sender
     try:
         target(*args)
     except BaseException as exc:

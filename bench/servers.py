@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from captured.cli import query_status
 
@@ -60,6 +61,10 @@ class Server:
 
     def output_dirs(self) -> list[str]:
         return [self.out_dir]
+
+    def snapshot(self) -> dict[str, Any]:
+        """Extra state worth reporting at the moment the clock stops (none by default)."""
+        return {}
 
     def start(self, timeout_s: float = 30.0) -> None:
         with open(self.log_path, "ab") as log:
@@ -154,13 +159,17 @@ def _count_file(path: str) -> int:
     with open(path, "rb") as fh:
         first = fh.readline()
         if first:
-            doc = json.loads(first)
-            if "captureData" not in doc or "eventId" not in doc["eventMetadata"]:
-                raise ValueError(f"{path}: the first line is not a capture record")
+            _check_first_line(first, path)
             n = first.count(b"\n")
         while chunk := fh.read(1 << 20):
             n += chunk.count(b"\n")
     return n
+
+
+def _check_first_line(first: bytes, where: str) -> None:
+    doc = json.loads(first)
+    if "captureData" not in doc or "eventId" not in doc["eventMetadata"]:
+        raise ValueError(f"{where}: the first line is not a capture record")
 
 
 class CapturedServer(Server):
@@ -173,6 +182,12 @@ class CapturedServer(Server):
         with open(self.config_path, "w") as fh:
             fh.write(self.config_toml())
 
+    def destination(self) -> str:
+        return f"file://{self.out_dir}"
+
+    def extra_toml(self) -> str:
+        return ""
+
     def config_toml(self) -> str:
         return (
             'endpoint_name = "bench"\n'
@@ -183,11 +198,11 @@ class CapturedServer(Server):
             f"max_file_age_s = {MAX_FILE_AGE_S}\n"
             "\n[DataCaptureConfig]\n"
             f"InitialSamplingPercentage = {self.sampling}\n"
-            f'DestinationS3Uri = "file://{self.out_dir}"\n'
+            f'DestinationS3Uri = "{self.destination()}"\n'
             'CaptureOptions = [{ CaptureMode = "Input" }, { CaptureMode = "Output" }]\n'
             "\n[DataCaptureConfig.CaptureContentTypeHeader]\n"
             'CsvContentTypes = ["text/csv"]\n'
-            'JsonContentTypes = ["application/json"]\n'
+            'JsonContentTypes = ["application/json"]\n' + self.extra_toml()
         )
 
     def command(self) -> list[str]:
@@ -206,6 +221,55 @@ class CapturedServer(Server):
 
     def output_dirs(self) -> list[str]:
         return [self.spool_dir, self.out_dir]
+
+    def snapshot(self) -> dict[str, Any]:
+        d = query_status(self.socket_path)["delivery"]
+        return {"files_delivered": d["files_delivered"], "bytes_delivered": d["bytes_delivered"]}
+
+
+class CapturedS3Server(CapturedServer):
+    """`captured` delivering to a bucket on a local S3-compatible server.
+
+    The bench sets `CapturedS3Server.moto` (a started `MotoServer` from tests/s3fixtures.py)
+    before the first run; each run resets it, so a run counts only its own objects.
+    """
+
+    name = "captured-s3"
+    bucket = "bench-ingest"
+    moto: Any = None
+
+    def __init__(self, sampling: int, workdir: str | None, env: dict[str, str] | None = None) -> None:
+        super().__init__(sampling, workdir, {**self.moto.aws_env(), **(env or {})})
+        self.s3_client = self.moto.boto3_client()
+
+    def destination(self) -> str:
+        return f"s3://{self.bucket}/captures"
+
+    def extra_toml(self) -> str:
+        # Uploads may finish after the clock stops: SIGTERM waits for them so the count sees all.
+        return (
+            f'\n[s3]\nendpoint_url = "{self.moto.endpoint_url}"\nregion = "us-east-1"\n'
+            f"shutdown_timeout_s = {STOP_TIMEOUT_S / 2:.0f}\n"
+        )
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self.moto.reset()
+        self.s3_client.create_bucket(Bucket=self.bucket)
+        super().start(timeout_s)
+
+    def count_lines(self) -> tuple[int, int]:
+        """Lines left in the spool plus lines in every object of the bucket."""
+        lines, files = super().count_lines()
+        for page in self.s3_client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
+            for obj in page.get("Contents", []):
+                body = self.s3_client.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"]
+                first = b""
+                for chunk in body.iter_chunks(1 << 20):
+                    first = first or chunk.split(b"\n", 1)[0]
+                    lines += chunk.count(b"\n")
+                _check_first_line(first, obj["Key"])
+                files += 1
+        return lines, files
 
 
 class NaiveServer(Server):
@@ -236,4 +300,8 @@ class NaiveServer(Server):
         return received, written, dropped
 
 
-SYSTEMS: dict[str, type[Server]] = {"captured": CapturedServer, "naive": NaiveServer}
+SYSTEMS: dict[str, type[Server]] = {
+    "captured": CapturedServer,
+    "captured-s3": CapturedS3Server,
+    "naive": NaiveServer,
+}

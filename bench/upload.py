@@ -55,6 +55,7 @@ for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPO
 
 import aiobotocore.session  # noqa: E402, F401  (imported before any clock starts)
 from boto3.s3.transfer import TransferConfig  # noqa: E402
+from botocore.config import Config  # noqa: E402
 from ingest import machine  # noqa: E402
 from s3fixtures import MotoServer  # noqa: E402
 
@@ -163,9 +164,15 @@ def run_captured(server: MotoServer, paths: list[Path], workdir: Path) -> dict[s
 
 
 def run_boto3(server: MotoServer, paths: list[Path]) -> dict[str, Any]:
-    client = server.boto3_client(
-        total_max_attempts=3, connect_timeout=10, read_timeout=60, max_pool_connections=8 + FILE_WORKERS
+    config = Config(
+        region_name="us-east-1",
+        retries={"total_max_attempts": 3, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=60,
+        max_pool_connections=8 + FILE_WORKERS,
+        s3={"payload_signing_enabled": False},  # as captured's uploader: the CRC32 checksum covers the body
     )
+    client = server.boto3_client(config=config)
     transfer = TransferConfig(multipart_threshold=16 * MIB, multipart_chunksize=8 * MIB, max_concurrency=8)
 
     def one(path: Path) -> None:

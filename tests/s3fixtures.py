@@ -300,7 +300,7 @@ class FaultProxy:
         connections stop forwarding too (so pooled keep-alive connections stall as well);
         all are held open until the mode changes or the proxy stops.
     Counters: `accepted`, `refused`, `bytes_up` (client -> upstream), `bytes_down`,
-    `active` (connections open now).
+    `active` (connections open now), `peak_active` (most connections open at once).
     """
 
     def __init__(self, upstream_host: str, upstream_port: int, host: str = LOOPBACK) -> None:
@@ -312,6 +312,7 @@ class FaultProxy:
         self.refused = 0
         self.bytes_up = 0
         self.bytes_down = 0
+        self.peak_active = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -345,7 +346,7 @@ class FaultProxy:
         asyncio.run_coroutine_threadsafe(self._apply_mode(mode), self._loop).result(timeout)
 
     def reset_counters(self) -> None:
-        self.accepted = self.refused = self.bytes_up = self.bytes_down = 0
+        self.accepted = self.refused = self.bytes_up = self.bytes_down = self.peak_active = 0
 
     def stop(self, timeout: float = 5.0) -> None:
         loop, thread = self._loop, self._thread
@@ -428,6 +429,7 @@ class FaultProxy:
         assert task is not None and self._flowing is not None
         writers = [writer]
         self._conns[task] = writers
+        self.peak_active = max(self.peak_active, len(self._conns))
         try:
             await self._flowing.wait()  # stall: hold the accepted connection, say nothing
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import re
 import signal
+import time
 from typing import Any
 
 from conftest import DaemonProcess, wait_for
@@ -26,10 +27,11 @@ def s3_daemon(
     endpoint_url: str | None = None,
     bucket: str | None = None,
     extra_s3: str = "",
+    seal_after_s: float = 0.5,
 ) -> DaemonProcess:
     d: DaemonProcess = daemon_factory(
         extra_toml=(
-            "[spool]\nmax_file_age_s = 0.5\n"
+            f"[spool]\nmax_file_age_s = {seal_after_s}\n"
             f'[s3]\nendpoint_url = "{endpoint_url or s3.endpoint_url}"\nregion = "us-east-1"\n'
             "shutdown_timeout_s = 3\n" + extra_s3
         ),
@@ -112,15 +114,21 @@ def multipart_daemon(
     return d.start()
 
 
-def test_a_large_file_goes_up_as_multipart_and_a_small_one_with_put_object(
-    daemon_factory: Any, s3: S3Sandbox, aws_env: dict[str, str]
+def test_a_large_file_goes_up_as_multipart_with_parallel_parts_and_a_small_one_with_put_object(
+    daemon_factory: Any, s3: S3Sandbox, aws_env: dict[str, str], s3_proxy: Any
 ) -> None:
-    d = multipart_daemon(daemon_factory, s3, aws_env, s3.endpoint_url, parts=4)
+    """A ~17 MB file goes up in four 5 MiB parts (ETag `-4`) and a tiny one with PutObject.
+
+    The parts are seen to travel in parallel at the TCP level: the proxy in front of S3 sees at
+    least four connections open at once. Sent one after another, the parts would reuse one pooled
+    connection (at most two open at once, counting the small file's PutObject beside them).
+    """
+    d = multipart_daemon(daemon_factory, s3, aws_env, s3_proxy.endpoint_url, parts=4)
     body = b"1," * 300_000 + b"\n"  # 600 KB per record
     big_hour = dt.datetime(2026, 3, 1, 10, 0, 1, tzinfo=dt.UTC).timestamp()
     small_hour = dt.datetime(2026, 3, 1, 12, 0, 1, tzinfo=dt.UTC).timestamp()
     with CaptureClient(d.socket_path, buffer_bytes=64 * 1024 * 1024) as client:
-        for _ in range(20):  # ~12 MB in hour 10: three 5 MiB parts
+        for _ in range(28):  # ~16.8 MB in hour 10: four 5 MiB parts
             assert client.capture(body, None, request_content_type="text/csv", inference_time=big_hour)
         client.capture(b"1,2\n", None, request_content_type="text/csv", inference_time=small_hour)
         assert client.flush(timeout=30)
@@ -128,9 +136,10 @@ def test_a_large_file_goes_up_as_multipart_and_a_small_one_with_put_object(
     etags = {}
     for key in objects(s3):
         etags[KEY.fullmatch(key).group(4)] = s3.client.head_object(Bucket=s3.bucket, Key=key)["ETag"]  # type: ignore[union-attr]
-    assert etags["10"].strip('"').endswith("-3")
+    assert etags["10"].strip('"').endswith("-4")
     assert "-" not in etags["12"]
     assert s3.client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []
+    assert s3_proxy.peak_active >= 4, s3_proxy.peak_active
 
 
 def capture_n(d: DaemonProcess, n: int, start: int = 0) -> None:
@@ -261,3 +270,47 @@ def test_a_stalled_s3_endpoint_times_out_and_delivery_resumes(
     )
     assert d.stop() == 0
     assert delivered_ids(s3) == list(range(50))
+
+
+def test_sigterm_seals_open_files_and_uploads_them_before_exit(
+    daemon_factory: Any, s3: S3Sandbox, aws_env: dict[str, str]
+) -> None:
+    """Files still open at SIGTERM (rotation is an hour away) are sealed and uploaded before the
+    daemon exits 0: nothing is left in the spool."""
+    d = s3_daemon(daemon_factory, s3, aws_env, seal_after_s=3600)
+    capture_n(d, 100)
+    status = d.status()
+    assert status["spool"]["open_files"] == 1 and status["delivery"]["files_waiting"] == 0
+    assert objects(s3) == {}
+    assert d.stop() == 0, d.log()
+    assert delivered_ids(s3) == list(range(100))
+    assert [p.name for p in d.spool_dir.iterdir()] == [".lock"]
+
+
+def test_sigterm_with_s3_stalled_gives_up_after_the_shutdown_timeout_and_keeps_the_files(
+    daemon_factory: Any, s3: S3Sandbox, aws_env: dict[str, str], s3_proxy: Any
+) -> None:
+    """S3 stalls while SIGTERM is handled: the daemon keeps trying until `s3.shutdown_timeout_s`
+    (3 s here) runs out, cancels what is in flight, exits 0 and leaves whole sealed files in the
+    spool; the next start uploads them, each record exactly once."""
+    s3_proxy.set_mode("stall")
+    d = s3_daemon(daemon_factory, s3, aws_env, endpoint_url=s3_proxy.endpoint_url, seal_after_s=3600)
+    capture_n(d, 100)
+    t0 = time.monotonic()
+    assert d.stop() == 0, d.log()
+    assert time.monotonic() - t0 >= 3.0  # it kept trying for the whole shutdown_timeout_s
+    assert "shutdown: files left in the spool for the next start" in d.log()
+    left = sorted(d.spool_dir.glob("*.jsonl"))
+    assert left and not list(d.spool_dir.glob("*.part"))
+    ids = sorted(
+        int(json.loads(line)["eventMetadata"]["inferenceId"])
+        for p in left
+        for line in p.read_text().splitlines()
+    )
+    assert ids == list(range(100))
+    s3_proxy.set_mode("pass")
+    d.start()
+    wait_for(lambda: d.status()["delivery"]["files_waiting"] == 0, timeout=60)
+    assert d.stop() == 0
+    assert delivered_ids(s3) == list(range(100))
+    assert s3.client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []
