@@ -47,7 +47,7 @@ PREWARM_LINE_OVERHEAD = 400
 #: Metrics whose median is reported when `--repeat` > 1.
 METRICS = ("wall_s", "records_per_s", "mb_per_s", "daemon_cpu_s", "daemon_user_s", "daemon_sys_s",
            "cpu_s_per_m", "daemon_minor_faults", "peak_rss_mb", "sender_cpu_s", "sender_retries",
-           "s3_server_cpu_s")  # fmt: skip
+           "s3_server_cpu_s", "uploader_cpu_s", "uploader_peak_rss_mb")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,9 +65,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--s3-server-priority",
         choices=["idle", "normal"],
-        default="idle",
-        help="CPU priority of the local S3 server: idle (default) runs it only on CPU time nobody "
-        "else wants, as if it were remote; normal lets it compete with the daemon and senders",
+        default="normal",
+        help="CPU priority of the local S3 server: normal (default) lets it compete with the daemon "
+        "and the senders for this machine's cores; idle gives it only CPU time nobody else wants, "
+        "closer to a remote S3 but slower to take the uploads",
+    )
+    p.add_argument(
+        "--uploader-nice",
+        type=int,
+        choices=range(20),
+        metavar="0..19",
+        help="with --s3: the daemon's [s3] uploader_nice (default: the daemon's default)",
+    )
+    p.add_argument(
+        "--idle-load",
+        action="store_true",
+        help="also run captured with a file destination beside a SCHED_IDLE busy loop "
+        "(system captured-idle-load), the control for the S3 case",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     p.add_argument("--repeat", type=int, default=1, help="runs per system; the median is reported")
@@ -99,6 +113,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def shares(total: int, parts: int) -> list[int]:
     """Split `total` records over `parts` senders as evenly as possible."""
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def set_idle_priority(pid: int) -> None:
+    """SCHED_IDLE for every thread of `pid` (threads it starts later inherit it from theirs)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """VmHWM of a live process (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next((int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
 
 
 def cpu_seconds(proc: psutil.Process) -> tuple[float, float]:
@@ -206,19 +235,23 @@ def run_once(system: str, args: argparse.Namespace, run: int) -> dict[str, Any]:
             recorder.start()
             time.sleep(1.0)  # let py-spy attach before the clock starts
         helper = psutil.Process(CapturedS3Server.moto.proc.pid) if system == "captured-s3" else None
+        children = daemon.children()  # captured's S3 uploader process
         cpu0, faults0 = cpu_seconds(daemon), server.minor_faults()
         helper0 = sum(cpu_seconds(helper)) if helper else 0.0
+        children0 = sum(sum(cpu_seconds(c)) for c in children)
         t0 = time.perf_counter()
         pool.go.set()
         received, written, dropped = wait_processed(server, pool, args.records, args.timeout)
         wall = time.perf_counter() - t0
         cpu1, faults = cpu_seconds(daemon), server.minor_faults() - faults0
         helper_cpu = sum(cpu_seconds(helper)) - helper0 if helper else 0.0
+        children_cpu = sum(sum(cpu_seconds(c)) for c in children) - children0
         at_stop = server.snapshot()
         if recorder is not None:
             recorder.stop()
         senders = pool.finish(args.timeout)
         peak_rss = server.peak_rss_bytes()
+        children_rss = sum(peak_rss_bytes(c.pid) for c in children)
         rc = server.stop()
         lines, files = server.count_lines()
     finally:
@@ -250,6 +283,8 @@ def run_once(system: str, args: argparse.Namespace, run: int) -> dict[str, Any]:
         "sender_cpu_s": sum(float(s["cpu_s"]) for s in senders),
         "sender_retries": sum(int(s["retries"]) for s in senders),
         "s3_server_cpu_s": helper_cpu,
+        "uploader_cpu_s": children_cpu,
+        "uploader_peak_rss_mb": children_rss / MB,
         "at_clock_stop": at_stop,
         "senders": senders,
         "exit_code": rc,
@@ -376,7 +411,14 @@ def format_report(doc: dict[str, Any]) -> str:
             f"captured-s3 / captured: records/s x{s3['records_per_s']:.3f} (target >= 0.8), "
             f"CPU s per 1M records x{s3['cpu_s_per_m']:.3f}; "
             f"{up['files_delivered']} file(s), {up['bytes_delivered'] / MB:.0f} MB uploaded before the clock "
-            f"stopped; the S3 server used {r['s3_server_cpu_s']:.2f} CPU s meanwhile"
+            f"stopped; meanwhile the uploader process used {r['uploader_cpu_s']:.2f} CPU s "
+            f"(peak RSS {r['uploader_peak_rss_mb']:.0f} MB), the S3 server {r['s3_server_cpu_s']:.2f} CPU s"
+        )
+    idle = doc.get("idle_load_ratios")
+    if idle:
+        lines.append(
+            f"captured-idle-load / captured: records/s x{idle['records_per_s']:.3f}, "
+            f"CPU s per 1M records x{idle['cpu_s_per_m']:.3f} (a busy process beside the daemon, by itself)"
         )
     for r in doc["results"].values():
         if "profile_summary" in r:
@@ -398,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     systems = ["captured", "naive"] if args.only == "both" else [args.only]
     if args.s3:
         systems.insert(1, "captured-s3")
+    if args.idle_load:
+        systems.insert(1, "captured-idle-load")
+    CapturedS3Server.uploader_nice = args.uploader_nice
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
     with contextlib.ExitStack() as stack:
         if args.s3:
@@ -407,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             moto = MotoServer(max_lifetime=args.timeout * args.repeat + 600).start()
             stack.callback(moto.stop)
             if args.s3_server_priority == "idle":
-                os.sched_setscheduler(moto.proc.pid, os.SCHED_IDLE, os.sched_param(0))
+                set_idle_priority(moto.proc.pid)
             CapturedS3Server.moto = moto
         for i in range(args.repeat):
             for system in systems:
@@ -427,10 +472,12 @@ def main(argv: list[str] | None = None) -> int:
             "max_file_age_s": MAX_FILE_AGE_S,
             "prewarm": args.prewarm,
             "server_env": args.server_env,
+            "uploader_nice": args.uploader_nice,
         },
         "results": results,
         "ratios": ratios(results),
         "s3_ratios": ratios(results, "captured-s3", "captured"),
+        "idle_load_ratios": ratios(results, "captured-idle-load", "captured"),
     }
     if args.repeat > 1:
         doc["runs"] = runs

@@ -237,6 +237,8 @@ class CapturedS3Server(CapturedServer):
     name = "captured-s3"
     bucket = "bench-ingest"
     moto: Any = None
+    #: `[s3] uploader_nice`; None: the default.
+    uploader_nice: int | None = None
 
     def __init__(self, sampling: int, workdir: str | None, env: dict[str, str] | None = None) -> None:
         super().__init__(sampling, workdir, {**self.moto.aws_env(), **(env or {})})
@@ -250,6 +252,7 @@ class CapturedS3Server(CapturedServer):
         return (
             f'\n[s3]\nendpoint_url = "{self.moto.endpoint_url}"\nregion = "us-east-1"\n'
             f"shutdown_timeout_s = {STOP_TIMEOUT_S / 2:.0f}\n"
+            + (f"uploader_nice = {self.uploader_nice}\n" if self.uploader_nice is not None else "")
         )
 
     def start(self, timeout_s: float = 30.0) -> None:
@@ -300,8 +303,32 @@ class NaiveServer(Server):
         return received, written, dropped
 
 
+class CapturedIdleLoadServer(CapturedServer):
+    """`captured` with a file destination while a busy loop runs at SCHED_IDLE priority.
+
+    The control for `captured-s3`: the scheduler gives an idle-priority process only CPU time
+    nobody else wants, yet on a small virtual machine its mere activity slows the others. This
+    shows how much of the S3 case's loss a background process costs by itself.
+    """
+
+    name = "captured-idle-load"
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self.burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        os.sched_setscheduler(self.burner.pid, os.SCHED_IDLE, os.sched_param(0))
+        super().start(timeout_s)
+
+    def cleanup(self) -> None:
+        burner = getattr(self, "burner", None)
+        if burner is not None and burner.poll() is None:
+            burner.kill()
+            burner.wait()
+        super().cleanup()
+
+
 SYSTEMS: dict[str, type[Server]] = {
     "captured": CapturedServer,
     "captured-s3": CapturedS3Server,
+    "captured-idle-load": CapturedIdleLoadServer,
     "naive": NaiveServer,
 }

@@ -3,15 +3,17 @@
 One moto server on loopback (tests/s3fixtures.py: MotoServer) and one set of files of JSON-lines
 data. Each round uploads the same files twice, the bucket emptied (server reset) in between:
 
-* captured: `Delivery(S3Destination(...), workers=4)` with the default `S3Config` (multipart from
-  16 MiB, 8 MiB parts, 8 parts in flight across all files), in `asyncio.run`, on copies of the
-  files (Delivery deletes each file once S3 has it);
+* captured: what the daemon runs, `Delivery(S3Uploader(...), workers=4)` with the default
+  `S3Config` (multipart from 16 MiB, 8 MiB parts, 8 parts in flight across all files), in
+  `uvloop.run`, on copies of the files (Delivery deletes each file once S3 has it). The uploads
+  run in the uploader child process (`captured/uploader.py`), started before the clock;
 * boto3: `client.upload_file` with `TransferConfig(multipart_threshold=16 MiB,
-  multipart_chunksize=8 MiB, max_concurrency=8)`, four files at a time in a ThreadPoolExecutor.
+  multipart_chunksize=8 MiB, max_concurrency=8)`, four files at a time in a ThreadPoolExecutor,
+  with the same unsigned payload and CRC32 checksums.
 
-Both run in this process, so `time.process_time()` over each phase is that uploader's CPU (the moto
-server is a child process and not counted). After each phase every object is checked with
-`head_object` (count and size).
+CPU is this process's `time.process_time()` over each phase, plus, for captured, the uploader
+process's CPU time over the same phase (the moto server is another process and not counted).
+After each phase every object is checked with `head_object` (count and size).
 
     python bench/upload.py                          # 8 files x 64 MiB
     python bench/upload.py --files 16 --size-mb 32 --repeat 3
@@ -21,7 +23,6 @@ server is a child process and not counted). After each phase every object is che
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -54,6 +55,8 @@ for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPO
     os.environ.pop(_name, None)
 
 import aiobotocore.session  # noqa: E402, F401  (imported before any clock starts)
+import psutil  # noqa: E402
+import uvloop  # noqa: E402
 from boto3.s3.transfer import TransferConfig  # noqa: E402
 from botocore.config import Config  # noqa: E402
 from ingest import machine  # noqa: E402
@@ -62,7 +65,7 @@ from s3fixtures import MotoServer  # noqa: E402
 from captured.config import S3Config  # noqa: E402
 from captured.deliver import Delivery  # noqa: E402
 from captured.spool import object_key  # noqa: E402
-from captured.upload import S3Destination  # noqa: E402
+from captured.uploader import S3Uploader  # noqa: E402
 
 MIB = 1024 * 1024
 MB = 1_000_000
@@ -141,16 +144,19 @@ def run_captured(server: MotoServer, paths: list[Path], workdir: Path) -> dict[s
     cfg = S3Config(endpoint_url=server.endpoint_url, region="us-east-1")
 
     async def main() -> dict[str, Any]:
-        destination = S3Destination(f"s3://{BUCKET}/{PREFIX}", cfg)
+        destination = S3Uploader(f"s3://{BUCKET}/{PREFIX}", cfg)
         await destination.start()
+        assert destination.pid is not None
+        child = psutil.Process(destination.pid)
         delivery = Delivery(destination, workers=FILE_WORKERS)
         try:
-            cpu0, t0 = time.process_time(), time.perf_counter()
+            cpu0, child0, t0 = time.process_time(), child_cpu(child), time.perf_counter()
             delivery.start()
             for copy in copies:
                 delivery.submit(str(copy), copy.stat().st_size)
             drained = await delivery.drain(DRAIN_TIMEOUT_S)
-            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            wall = time.perf_counter() - t0
+            cpu = time.process_time() - cpu0 + child_cpu(child) - child0
         finally:
             await delivery.stop()
         stats = delivery.stats()
@@ -158,9 +164,14 @@ def run_captured(server: MotoServer, paths: list[Path], workdir: Path) -> dict[s
                 "failures": stats["failures"]}  # fmt: skip
 
     try:
-        return asyncio.run(main())
+        return uvloop.run(main())
     finally:
         shutil.rmtree(spool, ignore_errors=True)
+
+
+def child_cpu(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
 
 
 def run_boto3(server: MotoServer, paths: list[Path]) -> dict[str, Any]:

@@ -121,6 +121,9 @@ class S3Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     fatal_retry_s: float = 60.0
     #: No single S3 request may take longer (a stalled connection otherwise hangs an upload).
     request_timeout_s: float = 120.0
+    #: Uploads run in a child process at this `nice` value (0..19) above the daemon's, so that
+    #: on a busy host the CPU goes to inference and capture first and uploads take what is left.
+    uploader_nice: int = 10
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -382,6 +385,7 @@ def _s3(ck: _Checker, value: object) -> S3Config:
             lambda x: 1 <= x <= 3600,
             "must be a number of seconds from 1 to 3600",
         ),
+        uploader_nice=ck.integer("s3.uploader_nice", table.get("uploader_nice", d.uploader_nice), 0, 19),
     )
 
 

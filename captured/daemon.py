@@ -30,7 +30,7 @@ from .deliver import Delivery, LocalDestination, scan_spool
 from .ingest import IngestServer
 from .pipeline import Pipeline
 from .spool import PART, Spool, object_key, recover_part
-from .upload import S3Destination
+from .uploader import S3Uploader
 
 log = logging.getLogger("captured.daemon")
 
@@ -100,7 +100,7 @@ class Daemon:
         """Open the destination, abort multipart uploads a crashed run left for our files, start."""
         dest = self.delivery.destination
         await dest.start()
-        if isinstance(dest, S3Destination):
+        if isinstance(dest, S3Uploader):
             keys = [object_key(p) for p in self.delivery.waiting_paths()]
             try:
                 async with asyncio.timeout(30):  # a stalled S3 must not hold up start-up
@@ -195,7 +195,7 @@ def make_delivery(cfg: Config) -> Delivery:
     """The delivery stage for the configured destination: S3, or a local directory."""
     uri = cfg.DataCaptureConfig.DestinationS3Uri
     if uri.startswith("s3://"):
-        dest = S3Destination(uri, cfg.s3, kms_key_id=cfg.DataCaptureConfig.KmsKeyId)
+        dest = S3Uploader(uri, cfg.s3, kms_key_id=cfg.DataCaptureConfig.KmsKeyId)
         return Delivery(dest, workers=cfg.s3.max_concurrent_uploads, fatal_retry_s=cfg.s3.fatal_retry_s)
     return Delivery(LocalDestination(uri))
 

@@ -11,9 +11,10 @@ rules: 5 MiB <= part <= 5 GiB, at most 10,000 parts) upload in parallel, bounded
 by `max_concurrent_parts`. The multipart upload is aborted as soon as anything fails or the upload
 is cancelled; uploads a crashed run left open are aborted at start (`abort_stale`).
 
-Every PutObject and UploadPart carries the CRC32 of its body, computed while the body is read in
-a worker thread, which the server verifies; the payload itself is not signed (the checksum covers
-it, as botocore does by default over HTTPS). SSE-KMS headers go with every object when `KmsKeyId`
+Bodies stream from the file (`s3body.FilePart`), a piece at a time, never a whole part in memory.
+Every PutObject and UploadPart carries the CRC32 of its body, computed beforehand in a worker
+thread, which the server verifies; the payload itself is not signed (the checksum covers it, as
+botocore does by default over HTTPS). SSE-KMS headers go with every object when `KmsKeyId`
 is set. Failures are classified by `classify`: retryable ones (network,
 timeouts, throttling, 5xx) and fatal ones (access denied, no such bucket, bad KMS key); the
 delivery stage decides how soon to try again.
@@ -22,11 +23,9 @@ delivery stage decides how soon to try again.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import os
-import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -139,26 +138,6 @@ def plan_parts(size: int, part_size: int) -> list[tuple[int, int]]:
     return [(off, min(part, size - off)) for off in range(0, size, part)]
 
 
-def _read(path: str, offset: int, length: int) -> tuple[bytearray, str]:
-    """`length` bytes of `path` from `offset`, and their CRC32 as S3 writes it (base64).
-
-    Runs in a worker thread: the read and the checksum release the GIL, so the event loop keeps
-    serving captures meanwhile. A bytearray goes to the HTTP layer as it is (botocore would wrap
-    `bytes` in a BytesIO, and aiohttp would then copy it out again in 256 KiB pieces).
-    """
-    buf = bytearray(length)
-    view = memoryview(buf)
-    done = 0
-    with open(path, "rb") as fh:
-        while done < length:
-            n = os.preadv(fh.fileno(), [view[done:]], offset + done)
-            if n == 0:
-                raise UploadError("local_file", False, f"{path} is shorter than expected")
-            done += n
-    view.release()
-    return buf, base64.b64encode(zlib.crc32(buf).to_bytes(4, "big")).decode()
-
-
 class S3Destination:
     """A `deliver.Destination` for `s3://bucket[/prefix]`."""
 
@@ -227,7 +206,10 @@ class S3Destination:
             raise classify(exc) from exc
 
     async def _put_object(self, path: str, key: str, size: int) -> None:
-        body, crc32 = await asyncio.to_thread(_read, path, 0, size)
+        from .s3body import FilePart, crc32_of
+
+        crc32 = await asyncio.to_thread(crc32_of, path, 0, size)
+        body = FilePart(path, 0, size)
         await self._call(
             self._client.put_object(
                 Bucket=self.bucket,
@@ -265,8 +247,11 @@ class S3Destination:
     async def _part(
         self, path: str, key: str, upload_id: str, number: int, offset: int, length: int
     ) -> dict[str, Any]:
+        from .s3body import FilePart, crc32_of
+
         async with self._parts:
-            body, crc32 = await asyncio.to_thread(_read, path, offset, length)
+            crc32 = await asyncio.to_thread(crc32_of, path, offset, length)
+            body = FilePart(path, offset, length)
             resp = await self._call(
                 self._client.upload_part(
                     Bucket=self.bucket,
@@ -278,7 +263,6 @@ class S3Destination:
                     ChecksumCRC32=crc32,
                 )
             )
-            del body  # the part's buffer goes before the next part is read
         part = {"PartNumber": number, "ETag": resp["ETag"]}
         if "ChecksumCRC32" in resp:
             part["ChecksumCRC32"] = resp["ChecksumCRC32"]

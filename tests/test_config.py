@@ -223,6 +223,7 @@ BASE = {
     },
     "spool": {},
     "ingest": {},
+    "s3": {},
 }
 
 
@@ -343,6 +344,18 @@ RULES = [
     ("ingest.drain_timeout_s", "-1", "", "-1", DRAIN_RULE),
     ("ingest.drain_timeout_s", "600.5", "", "600.5", DRAIN_RULE),
     ("ingest.drain_timeout_s", "inf", "", "inf", DRAIN_RULE),
+    ("s3.endpoint_url", '"localhost:9000"', "", "'localhost:9000'", "http:// or https:// URL"),
+    ("s3.region", '"US East"', "", "'US East'", "AWS region name"),
+    ("s3.multipart_threshold_bytes", str(5 * 2**20 - 1), "", "5242879", "from 5 MiB"),
+    ("s3.part_size_bytes", str(5 * 2**30 + 1), "", "5368709121", "5 MiB to 5 GiB"),
+    ("s3.max_concurrent_uploads", "0", "", "0", "from 1 to 64"),
+    ("s3.max_concurrent_parts", "257", "", "257", "from 1 to 256"),
+    ("s3.shutdown_timeout_s", "-1", "", "-1", "from 0 to 3600"),
+    ("s3.fatal_retry_s", "0.5", "", "0.5", "from 1 to 3600"),
+    ("s3.request_timeout_s", "nan", "", "nan", "from 1 to 3600"),
+    ("s3.uploader_nice", "20", "", "20", "from 0 to 19"),
+    ("s3.uploader_nice", "-5", "", "-5", "from 0 to 19"),
+    ("s3.part_bytes", "1", "", "1", "unknown key"),
 ]
 
 

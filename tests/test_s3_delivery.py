@@ -9,6 +9,7 @@ import signal
 import time
 from typing import Any
 
+import psutil
 from conftest import DaemonProcess, wait_for
 from s3fixtures import S3Sandbox
 
@@ -218,6 +219,11 @@ def test_sigkill_during_a_multipart_upload_leaves_no_orphan_and_no_duplicate(
 
     wait_for(open_uploads, timeout=30, interval=0.005)
     s3_proxy.set_mode("stall")
+    # The whole service dies at once (as systemd's final SIGKILL to the control group, or the
+    # OOM killer): the daemon and its uploader process, so nobody aborts the open upload.
+    uploader = psutil.Process(d.proc.pid).children()  # type: ignore[union-attr]
+    assert len(uploader) == 1
+    uploader[0].kill()
     d.stop(signal.SIGKILL)
     assert len(open_uploads()) == 1
     assert objects(s3) == {}
@@ -314,3 +320,44 @@ def test_sigterm_with_s3_stalled_gives_up_after_the_shutdown_timeout_and_keeps_t
     assert d.stop() == 0
     assert delivered_ids(s3) == list(range(100))
     assert s3.client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []
+
+
+def test_a_dead_uploader_process_is_replaced_and_delivery_goes_on(
+    daemon_factory: Any, s3: S3Sandbox, aws_env: dict[str, str]
+) -> None:
+    """The uploader child is killed: the daemon keeps capturing, the next upload starts a new
+    child, and every record arrives."""
+    d = s3_daemon(daemon_factory, s3, aws_env)
+    (first,) = psutil.Process(d.proc.pid).children()  # type: ignore[union-attr]
+    first.kill()
+    first.wait(10)
+    capture_n(d, 50)
+    wait_for(lambda: d.status()["delivery"]["files_waiting"] == 0 and delivered_ids(s3), timeout=30)
+    (second,) = psutil.Process(d.proc.pid).children()  # type: ignore[union-attr]
+    assert second.pid != first.pid
+    assert d.stop() == 0
+    assert delivered_ids(s3) == list(range(50))
+    assert "S3 uploader process restarted" in d.log()
+
+
+def test_the_uploader_process_does_not_outlive_a_killed_daemon(
+    daemon_factory: Any, s3: S3Sandbox, aws_env: dict[str, str], s3_proxy: Any
+) -> None:
+    """SIGKILL to the daemon alone: its uploader sees its request pipe close, cancels what is in
+    flight, aborts the open multipart upload and exits; nothing is left running or open."""
+    d = multipart_daemon(daemon_factory, s3, aws_env, s3_proxy.endpoint_url, parts=1, seal_after_s=0.5)
+    (uploader,) = psutil.Process(d.proc.pid).children()  # type: ignore[union-attr]
+    body = b"1," * 300_000 + b"\n"
+    with CaptureClient(d.socket_path, buffer_bytes=64 * 1024 * 1024) as client:
+        for i in range(20):
+            assert client.capture(body, None, request_content_type="text/csv", inference_id=str(i))
+        assert client.flush(timeout=30)
+    wait_for(
+        lambda: s3.client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads"), timeout=30, interval=0.005
+    )
+    s3_proxy.set_mode("stall")  # the upload cannot complete before the kill
+    d.stop(signal.SIGKILL)
+    s3_proxy.set_mode("pass")
+    uploader.wait(30)
+    assert s3.client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []
+    assert objects(s3) == {}
