@@ -356,10 +356,11 @@ def ratios(results: dict[str, dict[str, Any]], of: str = "captured", to: str = "
     if of not in results or to not in results:
         return {}
     c, n = results[of], results[to]
-    return {
-        "records_per_s": c["records_per_s"] / n["records_per_s"],
-        "cpu_s_per_m": c["cpu_s_per_m"] / n["cpu_s_per_m"],
-    }
+
+    def ratio(key: str) -> float:  # a tiny run can measure 0.00 CPU s (10 ms clock ticks)
+        return float(c[key]) / float(n[key]) if n[key] else float("nan")
+
+    return {"records_per_s": ratio("records_per_s"), "cpu_s_per_m": ratio("cpu_s_per_m")}
 
 
 def format_report(doc: dict[str, Any]) -> str:

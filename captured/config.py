@@ -90,6 +90,9 @@ class SpoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_file_age_s: float = 60.0
     #: Seal a file before a write would take it past this size.
     max_file_bytes: int = 64 * 1024 * 1024
+    #: fdatasync open spool files this often (0: only when a file is sealed). A power loss can
+    #: cost the records written since the last sync; a crash of the daemon alone costs nothing.
+    fsync_interval_s: float = 1.0
 
 
 class IngestConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -97,6 +100,31 @@ class IngestConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_frame_bytes: int = 16 * 1024 * 1024
     #: How long shutdown keeps reading what connected clients already sent.
     drain_timeout_s: float = 2.0
+    #: Permission bits of the socket file the daemon creates.
+    socket_mode: int = 0o660
+    #: Group of the socket file (a name or a number); None: the daemon's own group.
+    socket_group: str | None = None
+    #: When either list is non-empty, only peers whose uid (SO_PEERCRED) is in `allowed_uids`
+    #: or whose gid is in `allowed_gids` are served; others are refused (`peer_refused`).
+    allowed_uids: tuple[int, ...] = ()
+    allowed_gids: tuple[int, ...] = ()
+    #: Client connections served at once; more are refused (`too_many_connections`).
+    max_connections: int = 1024
+    #: A frame must arrive whole this long after its first byte, or the connection is closed
+    #: (`stalled_frame`): a client stalled mid-frame, or trickling bytes, holds a buffer.
+    frame_timeout_s: float = 30.0
+
+
+class WatermarkConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Capture stops while the spool's filesystem is this full, and starts again below `low`."""
+
+    #: Stop at or above this much of the filesystem used (AWS advises 75 %).
+    high_percent: float = 75.0
+    #: Start again once usage is at or below this.
+    low_percent: float = 70.0
+    #: Stop also when fewer bytes than this are free (0: off); start again once this plus
+    #: (high_percent - low_percent) % of the filesystem is free.
+    min_free_bytes: int = 0
 
 
 class S3Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -137,6 +165,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     spool: SpoolConfig = SpoolConfig()
     ingest: IngestConfig = IngestConfig()
     s3: S3Config = S3Config()
+    watermark: WatermarkConfig = WatermarkConfig()
 
 
 class ConfigError(Exception):
@@ -271,6 +300,7 @@ def _build(ck: _Checker) -> Config:
         spool=_spool(ck, values["spool"]),
         ingest=_ingest(ck, values["ingest"]),
         s3=_s3(ck, values["s3"]),
+        watermark=_watermark(ck, values["watermark"]),
     )
 
 
@@ -299,6 +329,37 @@ def _spool(ck: _Checker, value: object) -> SpoolConfig:
         max_file_bytes=ck.integer(
             "spool.max_file_bytes", table.get("max_file_bytes", default.max_file_bytes), 1024, 5 * GIB
         ),
+        fsync_interval_s=ck.number(
+            "spool.fsync_interval_s",
+            table.get("fsync_interval_s", default.fsync_interval_s),
+            lambda x: 0 <= x <= 3600,
+            "must be a number of seconds from 0 (only when a file is sealed) to 3600",
+        ),
+    )
+
+
+def _watermark(ck: _Checker, value: object) -> WatermarkConfig:
+    table = ck.table("watermark", value, WatermarkConfig.__struct_fields__) or {}
+    d = WatermarkConfig()
+    high = ck.number(
+        "watermark.high_percent",
+        table.get("high_percent", d.high_percent),
+        lambda x: 0 < x <= 100,
+        "must be a percentage greater than 0 and at most 100",
+    )
+    bound = high if high > 0 else 100.0  # a refused high_percent already said so
+    low = ck.number(
+        "watermark.low_percent",
+        table.get("low_percent", d.low_percent),
+        lambda x: 0 <= x < bound,
+        f"must be a percentage from 0 to below high_percent ({bound:g})",
+    )
+    return WatermarkConfig(
+        high_percent=high,
+        low_percent=low,
+        min_free_bytes=ck.integer(
+            "watermark.min_free_bytes", table.get("min_free_bytes", d.min_free_bytes), 0, 2**62
+        ),
     )
 
 
@@ -323,7 +384,51 @@ def _ingest(ck: _Checker, value: object) -> IngestConfig:
             lambda x: 0 <= x <= 600,
             "must be a number of seconds from 0 to 600",
         ),
+        socket_mode=_socket_mode(ck, table.get("socket_mode", default.socket_mode)),
+        socket_group=_socket_group(ck, table.get("socket_group")),
+        allowed_uids=_id_list(ck, "ingest.allowed_uids", table.get("allowed_uids", [])),
+        allowed_gids=_id_list(ck, "ingest.allowed_gids", table.get("allowed_gids", [])),
+        max_connections=ck.integer(
+            "ingest.max_connections", table.get("max_connections", default.max_connections), 1, 65536
+        ),
+        frame_timeout_s=ck.number(
+            "ingest.frame_timeout_s",
+            table.get("frame_timeout_s", default.frame_timeout_s),
+            lambda x: 0.1 <= x <= 3600,
+            "must be a number of seconds from 0.1 to 3600",
+        ),
     )
+
+
+def _socket_mode(ck: _Checker, value: object) -> int:
+    # TOML has octal integers (0o660); a string of octal digits ("0660") is taken too.
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
+        return int(value, 8)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value
+    ck.bad("ingest.socket_mode", value, 'must be permission bits such as 0o660 or "0660"')
+    return 0o660
+
+
+def _socket_group(ck: _Checker, value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32:
+        return str(value)
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?", value):
+        return value
+    ck.bad("ingest.socket_group", value, "must be a group name or a gid")
+    return None
+
+
+def _id_list(ck: _Checker, key: str, value: object) -> tuple[int, ...]:
+    items = value if isinstance(value, list) and len(value) <= 1024 else None
+    if items is not None and all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 for v in items
+    ):
+        return tuple(items)
+    ck.bad(key, value, "must be a list of at most 1024 numeric ids (0 to 4294967295)")
+    return ()
 
 
 def _s3(ck: _Checker, value: object) -> S3Config:

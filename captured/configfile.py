@@ -35,6 +35,7 @@ TOP_LEVEL_KEYS = (
     "spool",
     "ingest",
     "s3",
+    "watermark",
 )
 DATA_CAPTURE_KEYS = (
     "InitialSamplingPercentage",
@@ -129,6 +130,7 @@ def _defaults(environ: Mapping[str, str], cwd: str) -> Draft:
         "spool": {},  # the Struct defaults fill empty tables in
         "ingest": {},
         "s3": {},
+        "watermark": {},
     }
     return Draft(values, Source("", cwd))
 
@@ -248,6 +250,8 @@ def _table(lines: list[str], name: str, struct: msgspec.Struct) -> None:
         value = getattr(struct, field)
         if isinstance(value, msgspec.Struct):
             nested.append((field, value))  # TOML wants a table's plain keys before its sub-tables
+        elif field == "socket_mode":
+            lines.append(f"{field} = 0o{value:03o}")
         elif value is not None:
             lines.append(f"{field} = {_value(value)}")
     for field, value in nested:

@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import grp
 import logging
 import os
 import signal
@@ -29,8 +30,9 @@ from .config import Config
 from .deliver import Delivery, LocalDestination, scan_spool
 from .ingest import IngestServer
 from .pipeline import Pipeline
-from .spool import PART, Spool, object_key, recover_part
+from .spool import PART, Spool, ThreadSyncer, object_key, recover_part
 from .uploader import S3Uploader
+from .watermark import CaptureGate
 
 log = logging.getLogger("captured.daemon")
 
@@ -42,10 +44,24 @@ class Daemon:
         self.cfg = cfg
         self.started_at = time.time()
         self.delivery = make_delivery(cfg)
-        self.spool = Spool(cfg.spool_dir, cfg.endpoint_name, cfg.spool, self.delivery.submit)
-        self.pipeline = Pipeline(cfg, self.spool)
+        self.spool = Spool(
+            cfg.spool_dir,
+            cfg.endpoint_name,
+            cfg.spool,
+            self.delivery.submit,
+            syncer=ThreadSyncer(asyncio.get_running_loop()),
+        )
+        self.gate = CaptureGate(cfg.spool_dir, cfg.watermark)
+        self.pipeline = Pipeline(cfg, self.spool, self.gate)
+        ing = cfg.ingest
         self.ingest = IngestServer(
-            self.pipeline, max_frame_bytes=cfg.ingest.max_frame_bytes, status=self.status
+            self.pipeline,
+            max_frame_bytes=ing.max_frame_bytes,
+            status=self.status,
+            max_connections=ing.max_connections,
+            frame_timeout_s=ing.frame_timeout_s,
+            allowed_uids=ing.allowed_uids,
+            allowed_gids=ing.allowed_gids,
         )
         self._stop = asyncio.Event()
         self._signals = 0
@@ -54,12 +70,15 @@ class Daemon:
         """What SageMaker's DescribeEndpoint shows for capture, and what happened so far."""
         dcc = self.cfg.DataCaptureConfig
         enabled = dcc.EnableCapture
+        capturing = enabled and self.gate.open
         doc: dict[str, Any] = {
             "EndpointName": self.cfg.endpoint_name,
             "VariantName": self.cfg.variant_name,
             "EnableCapture": enabled,
-            "CaptureStatus": "Started" if enabled else "Stopped",
-            "CaptureStatusReason": None if enabled else "EnableCapture is false",
+            "CaptureStatus": "Started" if capturing else "Stopped",
+            "CaptureStatusReason": None
+            if capturing
+            else ("EnableCapture is false" if not enabled else self.gate.reason),
             "CurrentSamplingPercentage": self.pipeline.percentage,
             "DestinationS3Uri": dcc.DestinationS3Uri,
             "KmsKeyId": dcc.KmsKeyId,
@@ -70,6 +89,7 @@ class Daemon:
                 "files_sealed": self.spool.files_sealed,
                 "bytes_written": self.spool.bytes_written,
             },
+            "watermark": self.gate.status(),
             "delivery": self.delivery.stats(),
             "ingest": self.ingest.stats.as_dict(),
             "socket_path": self.cfg.socket_path,
@@ -80,8 +100,21 @@ class Daemon:
         return doc
 
     def recover(self) -> None:
-        """Seal `.part` files a crashed run left (whole lines only) and queue sealed files."""
-        sealed, parts = scan_spool(self.cfg.spool_dir, self.cfg.endpoint_name)
+        """Seal `.part` files a crashed run left (whole lines only) and queue sealed files.
+
+        Sealed files are cut back to their last complete line too: after a power loss, the
+        end of a file written since the last flush may be missing.
+        """
+        found, parts = scan_spool(self.cfg.spool_dir, self.cfg.endpoint_name)
+        sealed = []
+        for path, size in found:
+            kept = recover_part(path)
+            if kept != size:
+                log.warning("cut %s from %d to %d bytes (its end was torn)", path, size, kept)
+            if kept == 0:
+                os.unlink(path)
+            else:
+                sealed.append((path, kept))
         for part in parts:
             size = recover_part(part)
             if size == 0:
@@ -127,10 +160,13 @@ class Daemon:
             log.error("cannot start: %s", exc)
             return 1
         self.recover()
+        self.gate.check()  # logs "capture Stopped" already if the disk is past the watermark
         await self.start_delivery()
         try:
-            sock = bind_socket(self.cfg.socket_path)
-        except OSError as exc:
+            sock = bind_socket(
+                self.cfg.socket_path, self.cfg.ingest.socket_mode, self.cfg.ingest.socket_group
+            )
+        except (OSError, LookupError) as exc:
             log.error("cannot listen on %s: %s", self.cfg.socket_path, exc)
             await self.delivery.stop()
             return 1
@@ -142,7 +178,7 @@ class Daemon:
             self.cfg.spool_dir,
             self.cfg.DataCaptureConfig.DestinationS3Uri,
             self.pipeline.percentage,
-            "Started" if self.pipeline.enabled else "Stopped",
+            "Started" if self.pipeline.enabled and self.gate.open else "Stopped",
         )
         ticker = loop.create_task(self._tick(), name="tick")
         await self._stop.wait()
@@ -153,6 +189,7 @@ class Daemon:
         await self.ingest.drain(self.cfg.ingest.drain_timeout_s)
         ticker.cancel()
         self.spool.seal_all()
+        await self.spool.syncer.wait()  # flushed, renamed, and handed to delivery
         if not await self.delivery.drain(self.cfg.s3.shutdown_timeout_s):
             log.warning("shutdown: files left in the spool for the next start: %s", self.delivery.stats())
         await self.delivery.stop()
@@ -163,6 +200,8 @@ class Daemon:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
+            self.gate.tick()
+            self.ingest.sweep()
             try:
                 self.spool.tick()
             except OSError as exc:
@@ -200,9 +239,14 @@ def make_delivery(cfg: Config) -> Delivery:
     return Delivery(LocalDestination(uri))
 
 
-def bind_socket(path: str) -> socket.socket:
-    """Bind the capture socket, replacing a stale socket file but never a live daemon's."""
+def bind_socket(path: str, mode: int = 0o660, group: str | None = None) -> socket.socket:
+    """Bind the capture socket, replacing a stale socket file but never a live daemon's.
+
+    The socket is bound under a temporary name beside `path`, given its mode and group, and
+    renamed into place: no client ever sees it with other permissions.
+    """
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    gid = -1 if group is None else _group_id(group)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -221,12 +265,36 @@ def bind_socket(path: str) -> socket.socket:
             raise FileExistsError(f"another daemon is listening on {path}")
         finally:
             probe.close()
+    tmp = f"{path}.{os.getpid()}.tmp"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    os.chmod(path, 0o660)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        sock.bind(tmp)
+        try:
+            os.chmod(tmp, mode)
+            if gid != -1:
+                os.chown(tmp, -1, gid)
+            os.rename(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError:
+        sock.close()
+        raise
     sock.listen(1024)
     sock.setblocking(False)
     return sock
+
+
+def _group_id(group: str) -> int:
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise LookupError(f"ingest.socket_group: no group named {group!r}") from None
 
 
 # glibc mallopt parameters (malloc.h).

@@ -7,15 +7,25 @@ at once. While the pipeline works, the loop does not read: the kernel's socket b
 the client's own bounded buffer absorb bursts (back-pressure, never unbounded growth here).
 
 Memory per connection is bounded by one partial frame (`max_frame_bytes`) plus one read, and by
-`MAX_WRITE_BUFFER` of replies a client has not read.
+`MAX_WRITE_BUFFER` of replies a client has not read; at most `max_connections` are served at
+once, and a connection whose frame does not arrive whole within `frame_timeout_s` of its first
+byte is closed.
+
+Access: the socket file's mode and group decide who may connect; when allow-lists are set, each
+new connection's peer credentials (SO_PEERCRED: uid, primary gid, and the supplementary groups
+of that process as /proc shows them) must match one, or the connection is refused
+(`peer_refused`) before anything it sent is read. root and the daemon's own user always pass.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import msgspec
@@ -54,21 +64,39 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.records = 0
         self.last_data = time.monotonic()
+        self.refused = False
+        self.frame_started: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.server.connections.add(self)
-        self.server.stats.connections += 1
-        self.server.stats.connections_total += 1
+        server = self.server
+        server.connections.add(self)
+        server.stats.connections += 1
+        server.stats.connections_total += 1
+        if len(server.connections) > server.max_connections:
+            self.fail("too_many_connections", f"the daemon serves at most {server.max_connections} clients")
+        elif server.allowed is not None:
+            creds = peer_credentials(self.transport)
+            if creds is None or not server.allowed(*creds):
+                who = "unknown" if creds is None else f"uid {creds[0]}, gids {sorted(creds[1])}"
+                self.fail("peer_refused", f"this peer ({who}) is not allowed to send captures")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.server.stats.connections -= 1
 
     def data_received(self, data: bytes) -> None:
-        self.last_data = time.monotonic()
+        if self.refused:
+            return  # refused in connection_made: nothing it sends is read
+        now = self.last_data = time.monotonic()
         try:
-            for kind, payload in self.reader.feed(data):
+            got = self.reader.feed(data)
+            # A frame must arrive whole within frame_timeout_s of its first byte (`sweep`).
+            if not self.reader.buffered:
+                self.frame_started = None
+            elif got or self.frame_started is None:
+                self.frame_started = now
+            for kind, payload in got:
                 if kind == frames.Kind.BATCH:
                     self.records += self.server.pipeline.process(payload)
                 elif kind == frames.Kind.FLUSH:
@@ -96,6 +124,9 @@ class Connection(asyncio.Protocol):
 
     def fail(self, reason: str, message: str) -> None:
         """Refuse this connection: say why (if the peer still listens), count it, close it."""
+        if self.refused:
+            return
+        self.refused = True
         stats = self.server.stats
         stats.closed[reason] = stats.closed.get(reason, 0) + 1
         self.server.warn.warning(reason, "closing a client connection (%s): %s", reason, message)
@@ -113,10 +144,21 @@ class IngestServer:
         *,
         max_frame_bytes: int,
         status: Callable[[], dict[str, Any]],
+        max_connections: int = 1024,
+        frame_timeout_s: float = 30.0,
+        allowed_uids: Iterable[int] = (),
+        allowed_gids: Iterable[int] = (),
     ) -> None:
         self.pipeline = pipeline
         self.max_frame_bytes = max_frame_bytes
         self.status = status
+        self.max_connections = max_connections
+        self.frame_timeout_s = frame_timeout_s
+        uids, gids = frozenset(allowed_uids), frozenset(allowed_gids)
+        self.allowed: Callable[[int, frozenset[int]], bool] | None = None
+        if uids or gids:
+            uids |= {0, os.getuid()}  # root and the daemon's own user (`captured status`)
+            self.allowed = lambda uid, groups: uid in uids or not gids.isdisjoint(groups)
         self.connections: set[Connection] = set()
         self.stats = IngestStats()
         self.warn = RateLimited(log)
@@ -127,6 +169,14 @@ class IngestServer:
         self._server = await loop.create_unix_server(
             lambda: Connection(self), path=path, sock=sock, backlog=1024, start_serving=True
         )
+
+    def sweep(self) -> None:
+        """Close connections whose current frame began more than `frame_timeout_s` ago (the
+        timer): a client that stalls mid-frame, or trickles a byte a second, holds a buffer."""
+        cutoff = time.monotonic() - self.frame_timeout_s
+        for c in list(self.connections):
+            if c.frame_started is not None and c.frame_started < cutoff:
+                c.fail("stalled_frame", f"a frame did not arrive whole within {self.frame_timeout_s:g} s")
 
     def stop_accepting(self) -> None:
         if self._server is not None:
@@ -151,3 +201,32 @@ class IngestServer:
                 c.transport.close()
         if self._server is not None:
             await self._server.wait_closed()
+
+
+_UCRED = struct.Struct("3i")
+
+
+def peer_credentials(transport: asyncio.BaseTransport) -> tuple[int, frozenset[int]] | None:
+    """(uid, the peer's groups) from SO_PEERCRED and /proc, or None if they cannot be read.
+
+    The groups are the primary gid SO_PEERCRED reports plus the supplementary groups of that
+    process at the time of the check (read from /proc; only the primary gid where /proc cannot
+    be read).
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    except OSError:
+        return None
+    groups = {gid}
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("Groups:"):
+                    groups.update(int(g) for g in line.split()[1:])
+                    break
+    except (OSError, ValueError):
+        pass
+    return uid, frozenset(groups)

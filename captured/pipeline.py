@@ -20,6 +20,7 @@ from .encode import LineEncoder
 from .logs import RateLimited
 from .sample import sample
 from .spool import Spool
+from .watermark import CaptureGate
 
 log = logging.getLogger("captured.pipeline")
 
@@ -28,6 +29,7 @@ SAMPLED_OUT = "sampled_out"
 CAPTURE_DISABLED = "capture_disabled"
 INVALID_RECORD = "invalid_record"
 WRITE_ERROR = "write_error"
+DISK_WATERMARK = "disk_watermark"
 
 #: Distinct variant names the daemon accepts over its lifetime (each may hold open files).
 MAX_VARIANTS = 256
@@ -48,13 +50,14 @@ class Counters:
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, spool: Spool) -> None:
+    def __init__(self, cfg: Config, spool: Spool, gate: CaptureGate) -> None:
         dcc = cfg.DataCaptureConfig
         self.enabled = dcc.EnableCapture
         self.percentage = dcc.InitialSamplingPercentage
         self.encoder = LineEncoder(dcc)
         self.default_variant = cfg.variant_name
         self.spool = spool
+        self.gate = gate
         self.counters = Counters()
         self._valid_variants = {cfg.variant_name}
         self._warn = RateLimited(log)
@@ -76,6 +79,9 @@ class Pipeline:
         if not self.enabled:
             c.drop(CAPTURE_DISABLED, len(records))
             return received
+        if not self.gate.open:
+            c.drop(DISK_WATERMARK, len(records))
+            return received
         kept = sample(records, self.percentage)
         c.drop(SAMPLED_OUT, len(records) - len(kept))
         if kept:
@@ -88,16 +94,23 @@ class Pipeline:
         if invalid:
             c.drop(INVALID_RECORD, invalid)
             self._warn.warning("invalid", "refused %d record(s): bad inferenceTime or variant name", invalid)
+        gate = self.gate
         for (variant, hour), group in groups.items():
+            if not gate.open:  # a write of this batch failed just now
+                c.drop(DISK_WATERMARK, len(group.lines))
+                continue
+            data = self.encoder.encode(group.lines)
             try:
-                self.spool.write(variant, hour, group.first_time, self.encoder.encode(group.lines))
+                self.spool.write(variant, hour, group.first_time, data)
             except OSError as exc:
                 c.drop(WRITE_ERROR, len(group.lines))
                 self._warn.warning(
                     "write", "spool write failed, %d record(s) dropped: %s", len(group.lines), exc
                 )
+                gate.write_failed(exc)
                 continue
             c.written += len(group.lines)
+            gate.written(len(data))
 
     def _variant_ok(self, name: str) -> bool:
         """Variant names become path components: SageMaker's pattern, remembered once seen.

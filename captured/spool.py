@@ -14,10 +14,19 @@ the complete JSON lines that will be delivered: every write is whole lines.
 A file is sealed (renamed to `.jsonl` and handed to delivery) when the wall clock passes the end
 of its hour, when it has been open `max_file_age_s`, or before a write would take it past
 `max_file_bytes`.
+
+Durability: the data of every open file is flushed to the disk (fdatasync) every
+`fsync_interval_s`, and a file is flushed before it is sealed, so a sealed name always holds
+durable data. Those flushes run on a `Syncer`: inline by default, on a background thread in the
+daemon (`ThreadSyncer`), so a slow disk never holds up the event loop. A crash of the daemon
+alone loses nothing written (the page cache keeps it); a power loss can cost what was written
+since the last flush, and the next start cuts any file back to its last complete line.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -62,6 +71,57 @@ class OpenFile:
     hour: int
     opened_at: float  # monotonic
     size: int = 0
+    synced: int = 0  # bytes known to be on the disk
+
+
+class Syncer:
+    """Runs `work` (blocking file calls), then, if it succeeded, `then` on the caller's thread.
+
+    This one runs both inline, and `work`'s exceptions reach the caller.
+    """
+
+    def run(self, work: Callable[[], None], then: Callable[[], None] | None = None) -> None:
+        work()
+        if then is not None:
+            then()
+
+    def busy(self) -> bool:
+        return False
+
+    async def wait(self) -> None:
+        return None
+
+
+class ThreadSyncer(Syncer):
+    """One background thread, in submission order; `then` comes back on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool-sync")
+        self._pending: set[concurrent.futures.Future[None]] = set()
+
+    def run(self, work: Callable[[], None], then: Callable[[], None] | None = None) -> None:
+        def job() -> None:
+            try:
+                work()
+            except OSError as exc:
+                log.error("spool: %s", exc)
+            else:
+                if then is not None:
+                    self._loop.call_soon_threadsafe(then)
+
+        fut = self._pool.submit(job)
+        self._pending.add(fut)
+        fut.add_done_callback(self._pending.discard)
+
+    def busy(self) -> bool:
+        return bool(self._pending)
+
+    async def wait(self) -> None:
+        """Until everything submitted so far has run (and its `then` was scheduled)."""
+        while self._pending:
+            await asyncio.wrap_future(next(iter(self._pending)))
+        await asyncio.sleep(0)  # let the `then` callbacks run
 
 
 class Spool:
@@ -80,11 +140,15 @@ class Spool:
         *,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        syncer: Syncer | None = None,
     ) -> None:
         self.dir = spool_dir
         self.endpoint = endpoint
         self.max_age_s = cfg.max_file_age_s
         self.max_bytes = cfg.max_file_bytes
+        self.fsync_interval_s = cfg.fsync_interval_s
+        self.syncer = syncer or Syncer()
+        self._synced_at = monotonic()
         self._on_sealed = on_sealed
         self._clock = clock
         self._monotonic = monotonic
@@ -121,18 +185,35 @@ class Spool:
                     # a single line larger than max_file_bytes: it gets a file of its own
                     cut = data.index(b"\n") + 1
                 chunk, data = data[:cut], data[cut:]
-            self._write_all(f, chunk)
+            try:
+                self._write_all(f, chunk)
+            except OSError:
+                self._seal_after_failure(key)
+                raise
             if data or f.size >= self.max_bytes:
                 self._seal(key)
                 f = None
 
     def tick(self) -> None:
-        """Seal files whose hour has ended (wall clock) or that have been open too long."""
+        """Seal files whose hour has ended (wall clock) or that have been open too long; flush
+        open files to the disk every `fsync_interval_s`."""
         now_hour = int(self._clock()) // 3600
-        deadline = self._monotonic() - self.max_age_s
+        now = self._monotonic()
+        deadline = now - self.max_age_s
         for key, f in list(self._open.items()):
             if f.hour < now_hour or f.opened_at <= deadline:
                 self._seal(key)
+        if self.fsync_interval_s and now - self._synced_at >= self.fsync_interval_s:
+            self._synced_at = now
+            if not self.syncer.busy():  # the disk is behind: never pile up flushes
+                self.sync_open()
+
+    def sync_open(self) -> None:
+        """fdatasync every open file with unflushed data (on the syncer)."""
+        for f in self._open.values():
+            if f.synced < f.size:
+                fd, size = os.dup(f.fd), f.size
+                self.syncer.run(_sync_and_close(fd), _mark_synced(f, size))
 
     def seal_all(self) -> None:
         for key in list(self._open):
@@ -159,17 +240,77 @@ class Spool:
         f.size += len(chunk)
         self.bytes_written += len(chunk)
 
+    def _seal_after_failure(self, key: tuple[str, int]) -> None:
+        """A write to this file failed: seal what it holds, so its complete lines go on.
+
+        `_write_all` already cut the file back to whole lines. If that cut failed as well (EIO),
+        the file stays a `.part` in the spool for the next start's recovery, which cuts it.
+        """
+        f = self._open[key]
+        try:
+            os.truncate(f.path, f.size)
+        except OSError as exc:
+            log.error(
+                "cannot cut %s back to whole lines (%s); left for recovery at the next start", f.path, exc
+            )
+            self._open.pop(key)
+            with contextlib.suppress(OSError):
+                os.close(f.fd)
+            return
+        with contextlib.suppress(OSError):
+            self._seal(key)
+
     def _seal(self, key: tuple[str, int]) -> None:
+        """Flush, close and rename the file (on the syncer), then hand it to delivery."""
         f = self._open.pop(key)
-        os.close(f.fd)
         if f.size == 0:
+            os.close(f.fd)
             os.unlink(f.path)
             return
         sealed = f.path[: -len(PART)]
-        os.rename(f.path, sealed)
         self.files_sealed += 1
-        log.debug("sealed %s (%d bytes)", sealed, f.size)
-        self._on_sealed(sealed, f.size)
+
+        def work() -> None:
+            try:
+                if f.synced < f.size:
+                    os.fdatasync(f.fd)
+            finally:
+                os.close(f.fd)
+            os.rename(f.path, sealed)
+            _sync_dir(self.dir)
+
+        def then() -> None:  # not called when the flush or the rename failed (logged): the
+            # `.part` file then stays in the spool for the next start's recovery
+            log.debug("sealed %s (%d bytes)", sealed, f.size)
+            self._on_sealed(sealed, f.size)
+
+        self.syncer.run(work, then)
+
+
+def _sync_and_close(fd: int) -> Callable[[], None]:
+    def work() -> None:
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    return work
+
+
+def _mark_synced(f: OpenFile, size: int) -> Callable[[], None]:
+    def then() -> None:
+        f.synced = max(f.synced, size)
+
+    return then
+
+
+def _sync_dir(path: str) -> None:
+    """Make a rename in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def recover_part(path: str) -> int:

@@ -38,6 +38,8 @@ class DaemonProcess:
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr_path = root / "daemon.log"
+        #: Runs in the child before exec (resource limits for a test).
+        self.preexec: Any = None
 
     def write_config(self, data_capture: str | None = None) -> None:
         dcc = data_capture or (
@@ -61,7 +63,9 @@ class DaemonProcess:
             self.write_config()
         cmd = [sys.executable, "-m", "captured", "serve", "--config", str(self.config_path), *self.args]
         self._log = open(self.stderr_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stderr=self._log, stdout=self._log, env=self.env)
+        self.proc = subprocess.Popen(
+            cmd, stderr=self._log, stdout=self._log, env=self.env, preexec_fn=self.preexec
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -224,6 +224,7 @@ BASE = {
     "spool": {},
     "ingest": {},
     "s3": {},
+    "watermark": {},
 }
 
 
@@ -337,7 +338,7 @@ RULES = [
     ("spool.max_file_bytes", "1023", "", "1023", FILE_BYTES_RULE),
     ("spool.max_file_bytes", str(5 * 2**30 + 1), "", "5368709121", FILE_BYTES_RULE),
     ("spool.max_file_bytes", "1.5e6", "", "1500000.0", FILE_BYTES_RULE),
-    ("spool.rotate_s", "1", "", "1", "unknown key (known: max_file_age_s, max_file_bytes)"),
+    ("spool.rotate_s", "1", "", "1", "unknown key (known: max_file_age_s, max_file_bytes, fsync_interval_s)"),
     ("ingest.max_frame_bytes", "1048576", "", "1048576", FRAME_RULE),
     ("ingest.max_frame_bytes", str(12 * 2**20), "", "12582912", FRAME_RULE),
     ("ingest.max_frame_bytes", str(257 * 2**20), "", "269484032", "to 268435456 (256 MiB)"),
@@ -356,6 +357,16 @@ RULES = [
     ("s3.uploader_nice", "20", "", "20", "from 0 to 19"),
     ("s3.uploader_nice", "-5", "", "-5", "from 0 to 19"),
     ("s3.part_bytes", "1", "", "1", "unknown key"),
+    ("spool.fsync_interval_s", "-1", "", "-1", "from 0 (only when a file is sealed) to 3600"),
+    ("watermark.high_percent", "0", "", "0", "greater than 0 and at most 100"),
+    ("watermark.high_percent", "101", "", "101", "greater than 0 and at most 100"),
+    ("watermark.low_percent", "75", "", "75", "below high_percent (75)"),
+    ("watermark.min_free_bytes", "-1", "", "-1", "from 0"),
+    ("ingest.socket_mode", "0o1777", "", "1023", "permission bits"),
+    ("ingest.socket_mode", '"rw-rw----"', "", "'rw-rw----'", "permission bits"),
+    ("ingest.socket_group", '"no such group"', "", "'no such group'", "group name or a gid"),
+    ("ingest.allowed_uids", "[-1]", "", "[-1]", "numeric ids"),
+    ("ingest.allowed_gids", '["root"]', "", "['root']", "numeric ids"),
 ]
 
 

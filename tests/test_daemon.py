@@ -400,6 +400,28 @@ def test_a_crashed_run_is_recovered_at_start(daemon_factory: Any) -> None:
     assert [p.name for p in d.spool_dir.iterdir()] == [".lock"]
 
 
+def test_records_acknowledged_by_flush_survive_sigkill_and_torn_sealed_files_are_cut(
+    daemon_factory: Any,
+) -> None:
+    """Everything flush() confirmed is delivered after a SIGKILL and a restart. A sealed file
+    whose end was lost (as a power loss can leave one written since the last flush) is cut back to
+    its last complete line at start, never delivered torn."""
+    d: DaemonProcess = daemon_factory(extra_toml="[spool]\nmax_file_age_s = 3600\n")
+    d.start()
+    capture_all(d, [csv_pair(i) for i in range(300)]).close()  # flush()ed inside
+    d.stop(signal.SIGKILL)
+    (part,) = d.spool_dir.glob("*.jsonl.part")
+    sealed = part.with_name(part.name[: -len(".part")])
+    part.rename(sealed)  # as if it had been sealed just before the power went
+    with open(sealed, "r+b") as fh:
+        fh.truncate(sealed.stat().st_size - 10)
+    d.start()
+    wait_for(lambda: len(d.delivered_lines()) == 299)
+    d.stop()
+    assert [int(r["eventMetadata"]["inferenceId"]) for r in d.delivered_lines()] == list(range(299))
+    assert "its end was torn" in d.log()
+
+
 def test_embedded_default_runs_without_any_config(short_tmp: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RUNTIME_DIRECTORY", "STATE_DIRECTORY")}
     proc = subprocess.Popen(

@@ -5,10 +5,13 @@ from __future__ import annotations
 import calendar
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from captured.config import SpoolConfig
-from captured.spool import Spool, file_stem, object_key, recover_part
+from captured.spool import Spool, Syncer, ThreadSyncer, file_stem, object_key, recover_part
 
 UUID = "08d6d8b9-c7ac-4427-93a1-5eece415565d"
 T0 = calendar.timegm((2021, 5, 18, 0, 28, 4)) + 0.146  # 2021-05-18T00:28:04.146Z
@@ -145,3 +148,90 @@ def test_recover_part_cuts_a_torn_last_line(tmp_path: Path) -> None:
     big = lines(20000) + b"x" * 70000  # torn tail longer than one read block
     p.write_bytes(big)
     assert recover_part(str(p)) == 200000
+
+
+class RecordingSyncer(Syncer):
+    """Inline, but remembers what it ran: ("sync", fd) flushes and seals."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def run(self, work: Callable[[], None], then: Callable[[], None] | None = None) -> None:
+        self.calls.append(getattr(work, "__qualname__", "?").split(".<locals>")[0].split(".")[-1])
+        super().run(work, then)
+
+
+def test_open_files_are_flushed_every_interval_and_before_sealing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    clock = Clock(T0)
+    syncer = RecordingSyncer()
+    sealed: list[tuple[str, int]] = []
+    spool = Spool(
+        str(tmp_path),
+        "churn-endpoint",
+        SpoolConfig(max_file_age_s=60, fsync_interval_s=1.0),
+        lambda p, n: sealed.append((p, n)),
+        clock=lambda: clock.wall,
+        monotonic=lambda: clock.mono,
+        syncer=syncer,
+    )
+    spool.write("AllTraffic", int(T0) // 3600, T0, lines(3))
+    clock.advance(0.5)
+    spool.tick()
+    assert synced == []  # not yet due
+    clock.advance(0.6)
+    spool.tick()
+    assert len(synced) == 1  # one open file with unflushed data
+    clock.advance(1.0)
+    spool.tick()
+    assert len(synced) == 1  # nothing new to flush
+    spool.write("AllTraffic", int(T0) // 3600, T0, lines(2))
+    spool.seal_all()
+    assert len(synced) == 2 and len(sealed) == 1  # flushed before the rename
+    assert syncer.calls == ["_sync_and_close", "_seal"]
+
+
+def test_without_an_interval_files_are_flushed_only_when_sealed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fdatasync", synced.append)
+    clock = Clock(T0)
+    spool, sealed = make_spool(tmp_path, clock, fsync_interval_s=0)
+    spool.write("AllTraffic", int(T0) // 3600, T0, lines(3))
+    for _ in range(5):
+        clock.advance(1.0)
+        spool.tick()
+    assert synced == []
+    spool.seal_all()
+    assert len(synced) == 1 and len(sealed) == 1
+
+
+def test_thread_syncer_runs_in_order_off_the_loop_and_reports_back_on_it(tmp_path: Path) -> None:
+    import asyncio
+    import threading
+
+    async def main() -> list[str]:
+        syncer = ThreadSyncer(asyncio.get_running_loop())
+        order: list[str] = []
+        loop_thread = threading.get_ident()
+        for i in range(5):
+            syncer.run(
+                lambda i=i: order.append(f"work{i}:{threading.get_ident() != loop_thread}"),
+                lambda i=i: order.append(f"then{i}:{threading.get_ident() == loop_thread}"),
+            )
+
+        def fail() -> None:
+            raise OSError("EIO")
+
+        syncer.run(fail, lambda: order.append("then-after-failure"))
+        await syncer.wait()
+        return order
+
+    order = asyncio.run(main())
+    assert [o for o in order if o.startswith("work")] == [f"work{i}:True" for i in range(5)]
+    assert [o for o in order if o.startswith("then")] == [f"then{i}:True" for i in range(5)]

@@ -1,0 +1,175 @@
+"""Who may talk to the daemon, and how many: socket mode and group, peer allow-lists (SO_PEERCRED),
+the connection cap, and clients that stall or trickle in the middle of a frame."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import socket
+import stat
+import time
+from typing import Any
+
+import pytest
+from conftest import DaemonProcess, wait_for
+
+from captured import CaptureClient, frames
+
+
+def read_error(s: socket.socket, timeout: float = 10.0) -> str:
+    """The text of the daemon's ERROR frame, or "" if the connection closed without one."""
+    s.settimeout(timeout)
+    reader = frames.FrameReader()
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return ""
+        for kind, payload in reader.feed(data):
+            if kind == frames.Kind.ERROR:
+                return bytes(payload).decode()
+
+
+def capture_ok(d: DaemonProcess, n: int = 20) -> bool:
+    with CaptureClient(d.socket_path) as client:
+        for i in range(n):
+            client.capture(f"{i},1\n", "0", request_content_type="text/csv")
+        return client.flush(timeout=10)
+
+
+def closed(d: DaemonProcess) -> dict[str, int]:
+    return dict(d.status()["ingest"]["protocol_errors"])
+
+
+def test_socket_file_gets_the_configured_mode_and_group(daemon_factory: Any) -> None:
+    default = daemon_factory(name="a").start()
+    assert stat.S_IMODE(os.stat(default.socket_path).st_mode) == 0o660
+    group = grp.getgrgid(os.getgid()).gr_name
+    d = daemon_factory(
+        name="b", extra_toml=f'[ingest]\nsocket_mode = 0o600\nsocket_group = "{group}"\n'
+    ).start()
+    st = os.stat(d.socket_path)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_gid == os.getgid()
+    assert capture_ok(d)
+    assert not [p for p in os.listdir(os.path.dirname(d.socket_path)) if p.endswith(".tmp")]
+
+
+def test_an_unknown_socket_group_is_a_clear_start_error(daemon_factory: Any) -> None:
+    d = daemon_factory(extra_toml='[ingest]\nsocket_group = "no-such-group-here"\n')
+    d.write_config()
+    try:
+        d.start(timeout=10)
+    except RuntimeError as exc:
+        assert "no group named 'no-such-group-here'" in str(exc)
+    else:
+        raise AssertionError("the daemon started with a group that does not exist")
+
+
+def probe_as(uid: int, gid: int, path: str) -> str:
+    """Connect as another user (a forked child drops to uid/gid, no supplementary groups), send a
+    FLUSH and return the daemon's ERROR text ("" if it answered with an ACK instead)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no exec, so it needs no access to this interpreter's files
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(10)
+                s.connect(path)
+                s.sendall(frames.encode_frame(frames.Kind.FLUSH, (1,)))
+                reader = frames.FrameReader()
+                answer = ""
+                while not answer and (data := s.recv(65536)):
+                    for kind, payload in reader.feed(data):
+                        if kind == frames.Kind.ERROR:
+                            answer = bytes(payload).decode()
+                        elif kind == frames.Kind.ACK:
+                            answer = "ACK"
+            os.write(w, answer.encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        out = fh.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the probe failed"
+    return out
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another user")
+def test_peers_outside_the_allow_lists_are_refused_and_counted(daemon_factory: Any) -> None:
+    """allowed_uids names someone else: a client running as `nobody` (the socket is 0666 here, so
+    only the allow-list stands in its way) is refused with an ERROR frame before anything it sends
+    is read, and counted as peer_refused; root and the daemon's own user always pass; listing the
+    client's uid or one of its groups lets it in."""
+    nobody = pwd.getpwnam("nobody")
+    open_socket = "[ingest]\nsocket_mode = 0o666\n"
+
+    def probe(d: DaemonProcess) -> str:
+        for directory in (d.root, d.root.parent):
+            os.chmod(directory, 0o755)
+        return probe_as(nobody.pw_uid, nobody.pw_gid, d.socket_path)
+
+    others = daemon_factory(name="a", extra_toml=open_socket + "allowed_uids = [4242]\n").start()
+    assert "is not allowed to send captures" in probe(others)
+    assert closed(others) == {"peer_refused": 1}
+    assert others.status()["counters"]["received"] == 0  # and root's own status query passed
+    assert "peer_refused" in others.log()
+
+    by_uid = daemon_factory(name="b", extra_toml=open_socket + f"allowed_uids = [{nobody.pw_uid}]\n").start()
+    assert probe(by_uid) == "ACK" and closed(by_uid) == {}
+    by_gid = daemon_factory(name="c", extra_toml=open_socket + f"allowed_gids = [{nobody.pw_gid}]\n").start()
+    assert probe(by_gid) == "ACK" and closed(by_gid) == {}
+
+
+def test_connections_past_the_cap_are_refused_and_the_others_served(daemon_factory: Any) -> None:
+    """max_connections = 4 and four idle clients: a fifth connection (a capture client or
+    `captured status` alike) is refused with an ERROR frame and counted; once the idle ones go,
+    clients are served again."""
+    d = daemon_factory(extra_toml="[ingest]\nmax_connections = 4\n").start()
+    wait_for(lambda: d.status()["ingest"]["connections"] == 1)  # (this status query)
+    idle = []
+    try:
+        for _ in range(4):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(d.socket_path)
+            idle.append(s)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as extra:
+            extra.connect(d.socket_path)
+            assert "at most 4 clients" in read_error(extra)
+    finally:
+        for s in idle:
+            s.close()
+    wait_for(lambda: d.status()["ingest"]["connections"] == 1)
+    assert closed(d) == {"too_many_connections": 1}
+    assert capture_ok(d)
+
+
+def test_a_client_trickling_a_frame_is_closed_while_others_are_served(daemon_factory: Any) -> None:
+    """One byte every 0.1 s of a 1000-byte frame: it has not arrived whole after frame_timeout_s
+    (1 s), so the connection is closed as stalled_frame; a well-behaved client meanwhile captures
+    as usual."""
+    d = daemon_factory(extra_toml="[ingest]\nframe_timeout_s = 1\n").start()
+    frame = frames.frame(frames.Kind.BATCH, b"\x91" + b"\xc0" * 999)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as slow:
+        slow.connect(d.socket_path)
+        t0 = time.monotonic()
+        for i in range(len(frame)):
+            try:
+                slow.sendall(frame[i : i + 1])
+            except OSError:
+                break  # cut off
+            if i == 3:
+                assert capture_ok(d)
+            if time.monotonic() - t0 > 10 or closed(d).get("stalled_frame"):
+                break
+            time.sleep(0.1)
+        assert time.monotonic() - t0 < 10
+    wait_for(lambda: closed(d).get("stalled_frame") == 1)
+    assert d.status()["counters"]["received"] == 20  # the trickled frame never counted
+    assert capture_ok(d)
