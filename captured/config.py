@@ -110,6 +110,9 @@ class IngestConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allowed_gids: tuple[int, ...] = ()
     #: Client connections served at once; more are refused (`too_many_connections`).
     max_connections: int = 1024
+    #: Unfinished frames all connections together may hold; the connection that crosses it is
+    #: closed (`memory_limit`). At least `max_frame_bytes`.
+    max_buffered_bytes: int = 64 * 1024 * 1024
     #: A frame must arrive whole this long after its first byte, or the connection is closed
     #: (`stalled_frame`): a client stalled mid-frame, or trickling bytes, holds a buffer.
     frame_timeout_s: float = 30.0
@@ -390,6 +393,12 @@ def _ingest(ck: _Checker, value: object) -> IngestConfig:
         allowed_gids=_id_list(ck, "ingest.allowed_gids", table.get("allowed_gids", [])),
         max_connections=ck.integer(
             "ingest.max_connections", table.get("max_connections", default.max_connections), 1, 65536
+        ),
+        max_buffered_bytes=ck.integer(
+            "ingest.max_buffered_bytes",
+            table.get("max_buffered_bytes", default.max_buffered_bytes),
+            MIN_FRAME_BYTES,
+            16 * GIB,
         ),
         frame_timeout_s=ck.number(
             "ingest.frame_timeout_s",

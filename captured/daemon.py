@@ -59,6 +59,7 @@ class Daemon:
             max_frame_bytes=ing.max_frame_bytes,
             status=self.status,
             max_connections=ing.max_connections,
+            buffer_budget_bytes=ing.max_buffered_bytes,
             frame_timeout_s=ing.frame_timeout_s,
             allowed_uids=ing.allowed_uids,
             allowed_gids=ing.allowed_gids,

@@ -7,9 +7,10 @@ at once. While the pipeline works, the loop does not read: the kernel's socket b
 the client's own bounded buffer absorb bursts (back-pressure, never unbounded growth here).
 
 Memory per connection is bounded by one partial frame (`max_frame_bytes`) plus one read, and by
-`MAX_WRITE_BUFFER` of replies a client has not read; at most `max_connections` are served at
-once, and a connection whose frame does not arrive whole within `frame_timeout_s` of its first
-byte is closed.
+`MAX_WRITE_BUFFER` of replies a client has not read; all connections together may hold at most
+`buffer_budget_bytes` of unfinished frames (the connection that crosses it is closed,
+`memory_limit`); at most `max_connections` are served at once, and a connection whose frame
+does not arrive whole within `frame_timeout_s` of its first byte is closed.
 
 Access: the socket file's mode and group decide who may connect; when allow-lists are set, each
 new connection's peer credentials (SO_PEERCRED: uid, primary gid, and the supplementary groups
@@ -66,6 +67,7 @@ class Connection(asyncio.Protocol):
         self.last_data = time.monotonic()
         self.refused = False
         self.frame_started: float | None = None
+        self.accounted = 0  # this connection's share of `IngestServer.buffered_total`
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -84,6 +86,9 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.server.stats.connections -= 1
+        self.server.buffered_total -= self.accounted
+        self.accounted = 0
+        self.reader = frames.FrameReader(0)  # drop the partial frame now, not when collected
 
     def data_received(self, data: bytes) -> None:
         if self.refused:
@@ -107,6 +112,7 @@ class Connection(asyncio.Protocol):
                 else:
                     raise frames.ProtocolError("unexpected_kind", f"a client may not send frame kind {kind}")
             self.reader.check()
+            self._account()
         except frames.ProtocolError as exc:
             self.fail(exc.reason, str(exc))
         except (msgspec.DecodeError, RecursionError) as exc:
@@ -114,6 +120,18 @@ class Connection(asyncio.Protocol):
         except Exception as exc:  # a backstop: whatever a client sends must not escape unhandled
             log.exception("unexpected error on a client connection")
             self.fail("internal_error", f"the daemon could not process a frame: {exc}")
+
+    def _account(self) -> None:
+        """Keep the daemon-wide total of partial-frame bytes within `buffer_budget_bytes`."""
+        server = self.server
+        held = self.reader.buffered
+        server.buffered_total += held - self.accounted
+        self.accounted = held
+        if server.buffered_total > server.buffer_budget_bytes and held:
+            self.fail(
+                "memory_limit",
+                f"clients hold more than {server.buffer_budget_bytes} bytes of unfinished frames",
+            )
 
     def _reply(self, data: bytes) -> None:
         assert self.transport is not None
@@ -146,6 +164,7 @@ class IngestServer:
         status: Callable[[], dict[str, Any]],
         max_connections: int = 1024,
         frame_timeout_s: float = 30.0,
+        buffer_budget_bytes: int = 64 * 1024 * 1024,
         allowed_uids: Iterable[int] = (),
         allowed_gids: Iterable[int] = (),
     ) -> None:
@@ -154,6 +173,8 @@ class IngestServer:
         self.status = status
         self.max_connections = max_connections
         self.frame_timeout_s = frame_timeout_s
+        self.buffer_budget_bytes = max(buffer_budget_bytes, max_frame_bytes)
+        self.buffered_total = 0  # bytes of unfinished frames, all connections
         uids, gids = frozenset(allowed_uids), frozenset(allowed_gids)
         self.allowed: Callable[[int, frozenset[int]], bool] | None = None
         if uids or gids:

@@ -33,6 +33,9 @@ DISK_WATERMARK = "disk_watermark"
 
 #: Distinct variant names the daemon accepts over its lifetime (each may hold open files).
 MAX_VARIANTS = 256
+#: Batches larger than this are decoded and written a slice at a time.
+SLICE_BYTES = 1024 * 1024
+SLICE_RECORDS = 4096
 
 
 @dataclass(slots=True)
@@ -67,11 +70,26 @@ class Pipeline:
 
         Raises `frames.ProtocolError` when the payload is not an array at all.
         """
+        if len(payload) > SLICE_BYTES:
+            return self._process_sliced(payload)
         try:
             records = frames.batch_decoder.decode(payload)
             invalid = 0
-        except msgspec.DecodeError:
-            records, invalid = self._decode_salvaging(payload)
+        except (msgspec.DecodeError, UnicodeDecodeError):  # (msgspec raises the latter for bad UTF-8)
+            records, invalid = self._decode_each(self._raws(payload))
+        return self._take(records, invalid)
+
+    def _process_sliced(self, payload: memoryview | bytes) -> int:
+        """A large batch (not what `CaptureClient` sends: its batches stay near 512 KiB) goes
+        through in slices of `SLICE_RECORDS`, so the objects of only one slice are alive at a
+        time: one 16 MiB frame of tiny records would otherwise take ~700 MB."""
+        raws = self._raws(payload)
+        total = 0
+        for start in range(0, len(raws), SLICE_RECORDS):
+            total += self._take(*self._decode_each(raws[start : start + SLICE_RECORDS]))
+        return total
+
+    def _take(self, records: list[frames.Record], invalid: int) -> int:
         received = len(records) + invalid
         c = self.counters
         c.received += received
@@ -93,7 +111,9 @@ class Pipeline:
         groups, invalid = self.encoder.group_lines(records, self.default_variant, self._variant_ok)
         if invalid:
             c.drop(INVALID_RECORD, invalid)
-            self._warn.warning("invalid", "refused %d record(s): bad inferenceTime or variant name", invalid)
+            self._warn.warning(
+                "invalid", "refused %d record(s): bad inferenceTime, variant name or metadata", invalid
+            )
         gate = self.gate
         for (variant, hour), group in groups.items():
             if not gate.open:  # a write of this batch failed just now
@@ -125,18 +145,23 @@ class Pipeline:
         self._valid_variants.add(name)
         return True
 
-    def _decode_salvaging(self, payload: memoryview | bytes) -> tuple[list[frames.Record], int]:
-        """A batch with bad records: keep the valid ones, count the others."""
+    @staticmethod
+    def _raws(payload: memoryview | bytes) -> list[msgspec.Raw]:
         try:
-            raws = frames.raw_list_decoder.decode(payload)
+            raws: list[msgspec.Raw] = frames.raw_list_decoder.decode(payload)
         except msgspec.DecodeError as exc:
             raise frames.ProtocolError("bad_payload", f"BATCH payload is not an array: {exc}") from None
+        return raws
+
+    def _decode_each(self, raws: list[msgspec.Raw]) -> tuple[list[frames.Record], int]:
+        """Records one by one: keep the valid ones, count the others."""
         good: list[frames.Record] = []
         bad = 0
+        decode = frames.record_decoder.decode
         for raw in raws:
             try:
-                good.append(frames.record_decoder.decode(raw))
-            except msgspec.DecodeError as exc:
+                good.append(decode(raw))
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 bad += 1
                 self._warn.warning("schema", "refused a record that does not match the schema: %s", exc)
         return good, bad

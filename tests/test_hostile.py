@@ -1,0 +1,281 @@
+"""Hostile and broken input: properties of the encoder, bounded memory for huge frames and for
+many unfinished ones, and a fuzz run against a live daemon while a good client keeps capturing."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import random
+import socket
+import threading
+import time
+from typing import Any
+
+import msgspec
+import pytest
+from conftest import DaemonProcess, wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_encode import dcc
+
+from captured import CaptureClient, frames
+from captured.encode import LineEncoder
+from captured.frames import Record
+
+# -- the encoder, for any record ------------------------------------------------------------------
+
+content_types = st.one_of(
+    st.none(),
+    st.sampled_from(["text/csv", "application/json", "TEXT/CSV; charset=utf-8", "application/x-npy"]),
+    st.text(max_size=40),
+)
+bodies = st.one_of(st.none(), st.binary(max_size=300), st.text(max_size=200).map(str.encode))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(bodies, bodies, content_types, content_types, st.floats(0, 4e9), st.booleans()), max_size=20
+    )
+)
+def test_every_line_is_sagemaker_json_that_gives_back_the_bodies(rows: list[Any]) -> None:
+    """Whatever the bodies and content types: one compact JSON line per record, keys in
+    SageMaker's order, and each side's data decodes back to the exact body (text kept as is,
+    anything else BASE64)."""
+    enc = LineEncoder(dcc())
+    records = [
+        Record(req, resp, rct, pct, t, None, str(i) if iid else None)
+        for i, (req, resp, rct, pct, t, iid) in enumerate(rows)
+    ]
+    groups, invalid = enc.group_lines(records, "AllTraffic", lambda v: False)
+    assert invalid == 0
+    lines = [line for g in groups.values() for line in enc.encode(g.lines).splitlines(keepends=True)]
+    assert len(lines) == len(records)
+    by_time = {}
+    for raw in lines:
+        assert raw.endswith(b"\n") and raw.count(b"\n") == 1
+        doc = json.loads(raw)
+        assert list(doc) == ["captureData", "eventMetadata", "eventVersion"] and doc["eventVersion"] == "0"
+        by_time.setdefault(doc["eventMetadata"].get("inferenceId"), []).append(doc)
+    for i, (req, resp, _, _, _, iid) in enumerate(rows):
+        if not iid:
+            continue
+        (doc,) = by_time[str(i)]
+        for side, body in (("endpointInput", req), ("endpointOutput", resp)):
+            if body is None:
+                assert side not in doc["captureData"]
+                continue
+            got = doc["captureData"][side]
+            assert list(got) == ["observedContentType", "mode", "data", "encoding"]
+            data = base64.b64decode(got["data"]) if got["encoding"] == "BASE64" else got["data"].encode()
+            assert data == body
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"inference_id": ""},
+        {"inference_id": "x" * 65},
+        {"inference_id": "line\nbreak"},
+        {"inference_id": " leading space"},
+        {"custom_attributes": "caf\u00e9"},
+        {"custom_attributes": "a" * 1025},
+        {"event_id": ""},
+        {"event_id": "e" * 129},
+        {"request_content_type": "t/" + "x" * 1023},
+    ],
+)
+def test_the_daemon_refuses_metadata_the_client_would_have_refused(field: dict[str, str]) -> None:
+    enc = LineEncoder(dcc())
+    base = {
+        "request": b"1",
+        "response": b"2",
+        "request_content_type": "text/csv",
+        "response_content_type": "text/csv",
+    }
+    rec = Record(**{**base, "inference_time": 1.0e9, **field})  # type: ignore[arg-type]
+    groups, invalid = enc.group_lines([rec], "AllTraffic", lambda v: False)
+    assert invalid == 1 and groups == {}
+
+
+# -- memory ------------------------------------------------------------------------------------------
+
+
+def peak_rss_mb(d: DaemonProcess) -> float:
+    with open(f"/proc/{d.proc.pid}/status") as fh:  # type: ignore[union-attr]
+        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM:"))
+
+
+def tiny_batch(n: int, t: float | None = None) -> bytes:
+    rec = Record(b"1,2\n", b"0", "text/csv", "text/csv", t or time.time())
+    return frames.frame(frames.Kind.BATCH, msgspec.msgpack.encode([rec] * n))
+
+
+def test_a_maximum_size_frame_of_tiny_records_keeps_memory_bounded(daemon: DaemonProcess) -> None:
+    """16 MiB of ~40-byte records (400,000 records in one frame): all written, and the daemon's
+    peak RSS stays far below what decoding them all at once took (~700 MB): under 200 MB."""
+    n = (16 * 1024 * 1024 - 64) // len(
+        msgspec.msgpack.encode(Record(b"1,2\n", b"0", "text/csv", "text/csv", 1.0e9))
+    )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(daemon.socket_path)
+        s.sendall(tiny_batch(n) + frames.encode_frame(frames.Kind.FLUSH, (1,)))
+        reader = frames.FrameReader()
+        acked = False
+        s.settimeout(60)
+        while not acked:
+            acked = any(kind == frames.Kind.ACK for kind, _ in reader.feed(s.recv(65536)))
+    c = daemon.status()["counters"]
+    assert c["received"] == c["written"] == n
+    assert peak_rss_mb(daemon) < 200
+
+
+def test_unfinished_frames_beyond_the_budget_close_the_connection_that_crosses_it(
+    daemon_factory: Any,
+) -> None:
+    """max_buffered_bytes = 13 MiB: two clients each leave 8 MiB of a 12 MiB frame unfinished;
+    the second is closed (memory_limit), the first finishes its frame and its record is written,
+    and a good client is served."""
+    d = daemon_factory(
+        extra_toml="[ingest]\nmax_frame_bytes = 12648448\nmax_buffered_bytes = 13631488\n"
+    ).start()
+    big = Record(b"7" * (12 * 1024 * 1024 - 200) + b"\n", None, "text/csv", None, time.time())
+    frame = frames.frame(frames.Kind.BATCH, msgspec.msgpack.encode([big]))
+    half = 8 * 1024 * 1024
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as second,
+    ):
+        first.connect(d.socket_path)
+        second.connect(d.socket_path)
+        first.sendall(frame[:half])
+        wait_for(lambda: d.status()["ingest"]["connections"] >= 2)
+        second.settimeout(10)
+        with contextlib.suppress(OSError):  # closed while sending: fine
+            second.sendall(frame[:half])
+        wait_for(lambda: d.status()["ingest"]["protocol_errors"].get("memory_limit") == 1)
+        first.sendall(frame[half:])
+        wait_for(lambda: d.status()["counters"]["written"] == 1)
+    with CaptureClient(d.socket_path) as client:
+        assert client.capture(b"1,2\n", b"0", request_content_type="text/csv")
+        assert client.flush(timeout=10)
+    assert d.status()["counters"]["written"] == 2
+
+
+# -- fuzz: hostile clients beside a good one -----------------------------------------------------
+
+
+def hostile_payloads(rng: random.Random) -> list[tuple[str, bytes]]:
+    rec = Record(b"1,2\n", b"0", "text/csv", "text/csv", time.time())
+    good_payload = msgspec.msgpack.encode([rec])
+    return [
+        ("random bytes", rng.randbytes(4096)),
+        ("length beyond the maximum", b"CP\x01\x01\x7f\xff\xff\xff" + rng.randbytes(100)),
+        ("truncated frame", frames.frame(frames.Kind.BATCH, good_payload * 1)[:-3]),
+        (
+            "wrong schema",
+            frames.frame(frames.Kind.BATCH, msgspec.msgpack.encode([{"request": 1}, [1, 2, 3]])),
+        ),
+        ("wrong types", frames.frame(frames.Kind.BATCH, msgspec.msgpack.encode([[1, 2, 3, 4, "now"]]))),
+        (
+            "invalid UTF-8 in a text field",
+            frames.frame(
+                frames.Kind.BATCH, b"\x91\x95\xc4\x01a\xc0\xa2\xff\xfe\xc0\xcb" + b"\x41\xd0" + b"\x00" * 6
+            ),
+        ),
+        (
+            "variant escaping the tree",
+            frames.frame(
+                frames.Kind.BATCH,
+                msgspec.msgpack.encode(
+                    [Record(b"1", b"2", "text/csv", "text/csv", time.time(), variant_name="../../etc")]
+                ),
+            ),
+        ),
+        ("not a batch", frames.frame(frames.Kind.BATCH, b"\xa5hello")),
+        ("a kind clients may not send", frames.frame(frames.Kind.ACK, b"\x90")),
+        ("nested too deep", frames.frame(frames.Kind.BATCH, b"\x91" * 5000)),
+    ]
+
+
+def test_fuzz_hostile_clients_beside_a_good_one(daemon_factory: Any) -> None:
+    """While a well-behaved client captures 5,000 records, other connections send garbage,
+    oversized lengths, truncated frames, wrong schemas and types, invalid UTF-8, variant names
+    that try to leave the tree; 300 idle connections sit open; one client trickles a byte every
+    50 ms. Afterwards: every record of the good client was delivered exactly once, every refusal
+    was counted, the counters add up, no file escaped the destination tree, and the daemon still
+    runs. Bounded: 20 rounds of the hostile set, at most 60 s."""
+    d = daemon_factory(extra_toml="[spool]\nmax_file_age_s = 1\n[ingest]\nframe_timeout_s = 1\n").start()
+    rng = random.Random(1234)
+    good_done = threading.Event()
+    good_error: list[BaseException] = []
+
+    def good() -> None:
+        try:
+            with CaptureClient(d.socket_path) as client:
+                for i in range(5000):
+                    while not client.capture(
+                        f"{i},1\n", "0", request_content_type="text/csv", inference_id=str(i)
+                    ):
+                        time.sleep(0.001)
+                    if i % 500 == 0:
+                        time.sleep(0.05)
+                assert client.flush(timeout=30)
+        except BaseException as exc:  # reported below
+            good_error.append(exc)
+        finally:
+            good_done.set()
+
+    idle = []
+    for _ in range(300):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(d.socket_path)
+        idle.append(s)
+    trickler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    trickler.connect(d.socket_path)
+    thread = threading.Thread(target=good)
+    thread.start()
+    deadline = time.monotonic() + 60
+    try:
+        trickle = tiny_batch(50)
+        for round_ in range(20):
+            for _name, data in hostile_payloads(rng):
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.connect(d.socket_path)
+                    with contextlib.suppress(OSError):  # the daemon may close first
+                        s.sendall(data)
+            with contextlib.suppress(OSError):
+                trickler.sendall(trickle[round_ : round_ + 1])
+            time.sleep(0.05)
+            assert time.monotonic() < deadline
+        assert good_done.wait(max(1.0, deadline - time.monotonic()))
+        wait_for(lambda: d.status()["ingest"]["protocol_errors"].get("stalled_frame"), timeout=10)
+    finally:
+        thread.join(10)
+        for s in idle:
+            s.close()
+        trickler.close()
+    assert not good_error, good_error
+    st_ = d.status()
+    c = st_["counters"]
+    assert c["received"] == c["written"] + sum(c["dropped"].values())
+    errors = st_["ingest"]["protocol_errors"]
+    assert st_["ingest"]["connections_total"] >= 300 + 20 * len(hostile_payloads(rng))
+    for reason in ("bad_header", "frame_too_large", "bad_payload", "unexpected_kind", "stalled_frame"):
+        assert errors.get(reason, 0) >= 1, errors
+    assert "internal_error" not in errors, d.log()  # every case has a named reason
+    assert c["dropped"].get("invalid_record", 0) >= 20  # wrong schema/types, bad variant, every round
+    assert d.stop() == 0
+    ids = sorted(
+        int(line["eventMetadata"]["inferenceId"])
+        for line in d.delivered_lines()
+        if "inferenceId" in line["eventMetadata"]
+    )
+    assert ids == list(range(5000))
+    for path in d.out_dir.rglob("*"):
+        assert d.out_dir in path.resolve().parents
+    assert os.path.isdir(d.out_dir / "test-endpoint") and sorted(p.name for p in d.out_dir.iterdir()) == [
+        "test-endpoint"
+    ]
