@@ -35,7 +35,7 @@ import psutil
 import pyspy
 from data import PAYLOAD_SIZES, body_bytes, payloads
 from senders import run_sender
-from servers import MAX_FILE_AGE_S, SYSTEMS, CapturedS3Server, Server
+from servers import MAX_FILE_AGE_S, SYSTEMS, CapturedS3Server, CapturedServer, Server
 
 TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
 
@@ -76,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=range(20),
         metavar="0..19",
         help="with --s3: the daemon's [s3] uploader_nice (default: the daemon's default)",
+    )
+    p.add_argument(
+        "--spool-fsync",
+        type=float,
+        metavar="S",
+        help="captured's [spool] fsync_interval_s (default: the daemon's default, 1 s; 0: only at seal)",
     )
     p.add_argument(
         "--idle-load",
@@ -444,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.idle_load:
         systems.insert(1, "captured-idle-load")
     CapturedS3Server.uploader_nice = args.uploader_nice
+    CapturedServer.fsync_interval_s = args.spool_fsync
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
     with contextlib.ExitStack() as stack:
         if args.s3:
@@ -474,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             "prewarm": args.prewarm,
             "server_env": args.server_env,
             "uploader_nice": args.uploader_nice,
+            "spool_fsync": args.spool_fsync,
         },
         "results": results,
         "ratios": ratios(results),

@@ -174,6 +174,8 @@ def _check_first_line(first: bytes, where: str) -> None:
 
 class CapturedServer(Server):
     name = "captured"
+    #: `[spool] fsync_interval_s`; None: the daemon's default.
+    fsync_interval_s: float | None = None
 
     def __init__(self, sampling: int, workdir: str | None, env: dict[str, str] | None = None) -> None:
         super().__init__(sampling, workdir, env)
@@ -196,7 +198,8 @@ class CapturedServer(Server):
             f'spool_dir = "{self.spool_dir}"\n'
             "\n[spool]\n"
             f"max_file_age_s = {MAX_FILE_AGE_S}\n"
-            "\n[DataCaptureConfig]\n"
+            + (f"fsync_interval_s = {self.fsync_interval_s}\n" if self.fsync_interval_s is not None else "")
+            + "\n[DataCaptureConfig]\n"
             f"InitialSamplingPercentage = {self.sampling}\n"
             f'DestinationS3Uri = "{self.destination()}"\n'
             'CaptureOptions = [{ CaptureMode = "Input" }, { CaptureMode = "Output" }]\n'
