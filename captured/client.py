@@ -262,13 +262,13 @@ class _IOLoop:
                 break
             if self.sock is None and time.monotonic() >= self.next_connect:
                 self._connect()
-            rlist: list[Any] = [c._wake_r]
-            wlist: list[Any] = []
+            rlist: list[int] = [c._wake_r]
+            wlist: list[int] = []
             timeout: float | None = None
             if self.sock is not None:
-                rlist.append(self.sock)
+                rlist.append(self.sock.fileno())
                 if self.outq:
-                    wlist.append(self.sock)
+                    wlist.append(self.sock.fileno())
             else:
                 timeout = max(0.0, self.next_connect - time.monotonic())
             if closing:
@@ -278,13 +278,13 @@ class _IOLoop:
                 if self.sock is None or time.monotonic() >= give_up_at:
                     break
                 timeout = 0.05 if timeout is None else min(timeout, 0.05)
-            r, w, _ = select.select(rlist, wlist, [], timeout)
+            r, w = _wait(rlist, wlist, timeout)
             if c._wake_r in r:
                 with contextlib.suppress(BlockingIOError):
                     os.read(c._wake_r, 4096)
-            if self.sock is not None and self.sock in r:
+            if self.sock is not None and self.sock.fileno() in r:
                 self._read()
-            if self.sock is not None and self.sock in w:
+            if self.sock is not None and self.sock.fileno() in w:
                 self._write()
         self._disconnect(None)
         unsent = sum(n for _, n, _ in self.outq)
@@ -481,3 +481,27 @@ def _close_all_at_exit() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(_close_all_at_exit)
+
+
+_POLL_IN = select.POLLIN | select.POLLERR | select.POLLHUP
+_POLL_OUT = select.POLLOUT | select.POLLERR | select.POLLHUP
+
+
+def _wait(readers: list[int], writers: list[int], timeout: float | None) -> tuple[set[int], set[int]]:
+    """Which of these file descriptors are ready: poll(2), which, unlike select(2), works for
+    descriptors past 1023 (a model server with many open connections has those)."""
+    poller = select.poll()
+    for fd in readers:
+        poller.register(fd, select.POLLIN)
+    for fd in writers:
+        poller.modify(fd, select.POLLIN | select.POLLOUT) if fd in readers else poller.register(
+            fd, select.POLLOUT
+        )
+    r: set[int] = set()
+    w: set[int] = set()
+    for fd, events in poller.poll(None if timeout is None else timeout * 1000):
+        if events & _POLL_IN:
+            r.add(fd)
+        if events & _POLL_OUT and fd in writers:
+            w.add(fd)
+    return r, w

@@ -19,6 +19,7 @@ import fcntl
 import grp
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -29,7 +30,7 @@ from . import __version__
 from .config import Config
 from .deliver import Delivery, LocalDestination, scan_spool
 from .ingest import IngestServer
-from .pipeline import Pipeline
+from .pipeline import MAX_VARIANTS, Pipeline
 from .spool import PART, Spool, ThreadSyncer, object_key, recover_part
 from .uploader import S3Uploader
 from .watermark import CaptureGate
@@ -323,8 +324,30 @@ def tune_malloc() -> bool:
     return ok
 
 
+def raise_open_files_limit(want: int) -> int:
+    """Raise the soft RLIMIT_NOFILE toward `want` (at most the hard limit); return the new soft
+    limit. systemd starts services at 1024 soft, fewer than `ingest.max_connections` plus the
+    spool's files need."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft
+
+
 def serve(cfg: Config) -> int:
     import uvloop
+
+    need = cfg.ingest.max_connections + MAX_VARIANTS + 256  # clients, spool files, everything else
+    if (limit := raise_open_files_limit(need)) < need:
+        log.warning(
+            "open files limit %d is below the %d that ingest.max_connections = %d may need",
+            limit,
+            need,
+            cfg.ingest.max_connections,
+        )
 
     if not tune_malloc():
         log.debug("mallopt not available; running with the C library's default allocator settings")

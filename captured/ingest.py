@@ -9,8 +9,10 @@ the client's own bounded buffer absorb bursts (back-pressure, never unbounded gr
 Memory per connection is bounded by one partial frame (`max_frame_bytes`) plus one read, and by
 `MAX_WRITE_BUFFER` of replies a client has not read; all connections together may hold at most
 `buffer_budget_bytes` of unfinished frames (the connection that crosses it is closed,
-`memory_limit`); at most `max_connections` are served at once, and a connection whose frame
-does not arrive whole within `frame_timeout_s` of its first byte is closed.
+`memory_limit`). At most `max_connections` are served at once; at the cap, the connection idle
+the longest (for a second at least) makes room for a new one (`idle_evicted`), else the new one
+is refused (`too_many_connections`). A connection whose frame does not arrive whole within
+`frame_timeout_s` of its first byte is closed (`stalled_frame`).
 
 Access: the socket file's mode and group decide who may connect; when allow-lists are set, each
 new connection's peer credentials (SO_PEERCRED: uid, primary gid, and the supplementary groups
@@ -37,6 +39,8 @@ from .pipeline import Pipeline
 
 log = logging.getLogger("captured.ingest")
 
+#: At the connection cap, a connection idle this long may be closed to let a new one in.
+EVICT_IDLE_S = 1.0
 #: Replies (ACK, STATUS_REPLY) a peer may leave unread before it is disconnected.
 MAX_WRITE_BUFFER = 1 << 20
 
@@ -75,7 +79,7 @@ class Connection(asyncio.Protocol):
         server.connections.add(self)
         server.stats.connections += 1
         server.stats.connections_total += 1
-        if len(server.connections) > server.max_connections:
+        if len(server.connections) > server.max_connections and not server.evict_idle(self):
             self.fail("too_many_connections", f"the daemon serves at most {server.max_connections} clients")
         elif server.allowed is not None:
             creds = peer_credentials(self.transport)
@@ -190,6 +194,20 @@ class IngestServer:
         self._server = await loop.create_unix_server(
             lambda: Connection(self), path=path, sock=sock, backlog=1024, start_serving=True
         )
+
+    def evict_idle(self, newcomer: Connection) -> bool:
+        """At the connection cap: close the connection idle the longest, if it has been idle for
+        `EVICT_IDLE_S` and holds no unfinished frame, to make room for `newcomer`. Connections
+        that only sit open cannot lock active clients out; a `CaptureClient` evicted while idle
+        just connects again when it next sends."""
+        candidates = (
+            c for c in self.connections if c is not newcomer and not c.refused and not c.reader.buffered
+        )
+        oldest = min(candidates, key=lambda c: c.last_data, default=None)
+        if oldest is None or time.monotonic() - oldest.last_data < EVICT_IDLE_S:
+            return False
+        oldest.fail("idle_evicted", "closed to make room: the daemon is at its connection limit")
+        return True
 
     def sweep(self) -> None:
         """Close connections whose current frame began more than `frame_timeout_s` ago (the

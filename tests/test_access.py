@@ -173,3 +173,37 @@ def test_a_client_trickling_a_frame_is_closed_while_others_are_served(daemon_fac
     wait_for(lambda: closed(d).get("stalled_frame") == 1)
     assert d.status()["counters"]["received"] == 20  # the trickled frame never counted
     assert capture_ok(d)
+
+
+def test_thousands_of_idle_connections_cannot_lock_out_an_active_client(daemon_factory: Any) -> None:
+    """1,500 connections opened at once and left idle, against the default cap of 1,024: those past
+    the cap are refused (too_many_connections: none of the others has been idle a second yet);
+    a client that comes a second later gets in by closing the longest-idle one (idle_evicted) and
+    captures; the daemon stays small."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2000:
+        pytest.skip("needs 2,000 open files in the test process")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(4096, hard)), hard))
+    d = daemon_factory().start()
+    idle = []
+    try:
+        for _ in range(1500):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(d.socket_path)
+            idle.append(s)
+        time.sleep(1.2)  # now they have been idle for over a second
+        assert capture_ok(d, 200)
+        st = d.status()
+        assert st["ingest"]["connections"] <= 1024
+        errors = st["ingest"]["protocol_errors"]
+        assert errors["too_many_connections"] >= 400 and errors["idle_evicted"] >= 1, errors
+        assert st["counters"]["written"] == 200
+        with open(f"/proc/{d.proc.pid}/status") as fh:  # type: ignore[union-attr]
+            peak_mb = next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM:"))
+        assert peak_mb < 200
+    finally:
+        for s in idle:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

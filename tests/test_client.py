@@ -103,3 +103,25 @@ def test_a_maximum_size_record_fits_the_default_buffer(daemon: DaemonProcess) ->
         assert client.capture(big, big, request_content_type="text/csv", response_content_type="text/csv")
         assert client.flush(timeout=30)
     assert daemon.status()["counters"] == {"received": 1, "written": 1, "dropped": {}}
+
+
+def test_the_client_works_in_a_process_with_more_than_1024_open_files(daemon: DaemonProcess) -> None:
+    """A model server with many connections open hands the client socket a descriptor past 1023,
+    which select(2) cannot watch: the I/O thread polls instead, and capture works."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1300:
+        pytest.skip("needs 1,300 open files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1300), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with CaptureClient(daemon.socket_path) as client:
+            for i in range(100):
+                assert client.capture(f"{i},1\n", "0", request_content_type="text/csv")
+            assert client.flush(timeout=10)
+            assert client.stats()["acknowledged"] == 100
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
