@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import socket
 import sys
 from typing import Any
@@ -73,7 +74,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from . import daemon, logs
 
     logs.configure(args.log_level)
-    return daemon.serve(cfg)
+
+    def reload() -> Config:  # SIGHUP: the same files and flags, read again
+        try:
+            return _load(args)
+        except ConfigError as err:
+            for problem in err.problems:
+                logging.getLogger("captured.daemon").error("reload refused: %s", problem)
+            raise
+
+    return daemon.serve(cfg, reload)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

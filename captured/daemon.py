@@ -24,9 +24,12 @@ import signal
 import socket
 import stat
 import time
+from collections.abc import Callable
 from typing import Any
 
-from . import __version__
+import msgspec
+
+from . import __version__, systemd
 from .config import Config
 from .deliver import Delivery, LocalDestination, scan_spool
 from .ingest import IngestServer
@@ -40,9 +43,27 @@ log = logging.getLogger("captured.daemon")
 TICK_S = 0.25
 
 
+#: How often the one-line STATUS= for systemd is refreshed.
+STATUS_EVERY_S = 5.0
+
+#: Settings a reload may change; any other difference refuses the whole reload.
+LIVE_SETTINGS = (
+    "DataCaptureConfig.EnableCapture",
+    "DataCaptureConfig.InitialSamplingPercentage",
+    "DataCaptureConfig.CaptureOptions",
+    "DataCaptureConfig.CaptureContentTypeHeader",
+    "watermark",
+)
+
+
 class Daemon:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, reload: Callable[[], Config] | None = None) -> None:
         self.cfg = cfg
+        self._reload = reload
+        # Read (and removed from the environment) before any child process starts.
+        self.notifier = systemd.Notifier()
+        self.watchdog_s = systemd.watchdog_interval()
+        self.inherited = systemd.listen_fds()
         self.started_at = time.time()
         self.delivery = make_delivery(cfg)
         self.spool = Spool(
@@ -151,11 +172,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        # SIGHUP means "reload" to an operator; until reloading exists it must not kill the
-        # daemon without draining (the default action).
-        loop.add_signal_handler(
-            signal.SIGHUP, log.warning, "SIGHUP ignored: live reload is not supported yet"
-        )
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             self._lock = lock_spool(self.cfg.spool_dir)
         except OSError as exc:
@@ -165,9 +182,7 @@ class Daemon:
         self.gate.check()  # logs "capture Stopped" already if the disk is past the watermark
         await self.start_delivery()
         try:
-            sock = bind_socket(
-                self.cfg.socket_path, self.cfg.ingest.socket_mode, self.cfg.ingest.socket_group
-            )
+            sock = self._listening_socket()
         except (OSError, LookupError) as exc:
             log.error("cannot listen on %s: %s", self.cfg.socket_path, exc)
             await self.delivery.stop()
@@ -182,12 +197,15 @@ class Daemon:
             self.pipeline.percentage,
             "Started" if self.pipeline.enabled and self.gate.open else "Stopped",
         )
+        self.notifier.ready(self.status_line())
         ticker = loop.create_task(self._tick(), name="tick")
         await self._stop.wait()
         log.info("shutting down: draining clients")
+        self.notifier.stopping()
         self.ingest.stop_accepting()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.cfg.socket_path)
+        if not self.inherited:  # systemd's socket stays, queueing clients for the next start
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.cfg.socket_path)
         await self.ingest.drain(self.cfg.ingest.drain_timeout_s)
         ticker.cancel()
         self.spool.seal_all()
@@ -199,7 +217,33 @@ class Daemon:
         log.info("stopped: received %d, written %d, dropped %s", c.received, c.written, c.dropped)
         return 0
 
+    def _listening_socket(self) -> socket.socket:
+        """The socket systemd passed (socket activation), else our own at `socket_path`."""
+        for sock in self.inherited:
+            if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
+                sock.setblocking(False)
+                name = sock.getsockname()
+                if name != self.cfg.socket_path:
+                    log.warning(
+                        "the socket systemd passed is %r, not socket_path %s (which `captured status` uses)",
+                        name,
+                        self.cfg.socket_path,
+                    )
+                log.info("listening on the socket systemd passed: %s", name)
+                return sock
+        if self.inherited:
+            log.warning(
+                "systemd passed %d socket(s), none a Unix stream socket: binding our own", len(self.inherited)
+            )
+            self.inherited = []
+        return bind_socket(self.cfg.socket_path, self.cfg.ingest.socket_mode, self.cfg.ingest.socket_group)
+
     async def _tick(self) -> None:
+        """The daemon's heartbeat, on the event loop: if the loop is stuck, no WATCHDOG=1 goes
+        out and systemd restarts the service."""
+        loop = asyncio.get_running_loop()
+        next_ping = next_status = loop.time()
+        last_received, last_at = self.pipeline.counters.received, loop.time()
         while True:
             await asyncio.sleep(TICK_S)
             self.gate.tick()
@@ -208,6 +252,73 @@ class Daemon:
                 self.spool.tick()
             except OSError as exc:
                 log.error("spool rotation failed: %s", exc)
+            now = loop.time()
+            if self.watchdog_s is not None and now >= next_ping:
+                self.notifier.send(WATCHDOG=1)
+                next_ping = now + self.watchdog_s / 3
+            if self.notifier.enabled and now >= next_status:
+                received = self.pipeline.counters.received
+                rate = (received - last_received) / max(now - last_at, 1e-9)
+                last_received, last_at = received, now
+                self.notifier.send(STATUS=self.status_line(rate))
+                next_status = now + STATUS_EVERY_S
+
+    def status_line(self, records_per_s: float = 0.0) -> str:
+        """One line for `systemctl status`: capture state, sampling, rate, files waiting."""
+        enabled = self.pipeline.enabled
+        if enabled and self.gate.open:
+            state = "capture Started"
+        else:
+            state = f"capture Stopped ({'EnableCapture is false' if not enabled else self.gate.reason})"
+        waiting = len(self.delivery.waiting_paths())
+        rate = f"{records_per_s:.0f} records/s"
+        return f"{state}, sampling {self.pipeline.percentage}%, {rate}, {waiting} files waiting"
+
+    def reload(self) -> None:
+        """SIGHUP: read the configuration again and apply what can change live.
+
+        Sampling, EnableCapture, capture options, content types and the watermark take effect
+        for the next batch; batches are processed whole on this loop, so no record is lost or
+        counted twice around the switch and no connection is dropped. Any other change (socket,
+        spool, destination, KMS key, limits) refuses the whole reload, as does an invalid file:
+        the running configuration stays.
+        """
+        self.notifier.reloading()
+        try:
+            if self._reload is None:
+                log.warning("SIGHUP: no configuration source to read again; nothing changed")
+                return
+            try:
+                new = self._reload()
+            except Exception as exc:  # ConfigError: its problems were logged one per line
+                log.error("reload refused, the running configuration stays: %s", exc)
+                return
+            self._apply(new)
+        finally:
+            self.notifier.ready(self.status_line())
+
+    def _apply(self, new: Config) -> None:
+        changed = config_differences(self.cfg, new)
+        fixed = [k for k in changed if not k.startswith(LIVE_SETTINGS)]
+        if fixed:
+            log.error(
+                "reload refused, the running configuration stays: %s cannot change without a restart",
+                ", ".join(fixed),
+            )
+            return
+        if not changed:
+            log.info("reload: the configuration is unchanged")
+            return
+        dcc = new.DataCaptureConfig
+        self.pipeline.reconfigure(dcc)
+        self.gate.cfg = new.watermark
+        self.cfg = new
+        log.warning(
+            "reload: applied %s (sampling %d%%, capture %s)",
+            ", ".join(changed),
+            dcc.InitialSamplingPercentage,
+            "enabled" if dcc.EnableCapture else "disabled",
+        )
 
     def _on_signal(self, sig: int) -> None:
         self._signals += 1
@@ -337,7 +448,27 @@ def raise_open_files_limit(want: int) -> int:
     return soft
 
 
-def serve(cfg: Config) -> int:
+def config_differences(old: Config, new: Config, prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ (tables compared key by key)."""
+    out: list[str] = []
+    for name in old.__struct_fields__:
+        a, b = getattr(old, name), getattr(new, name)
+        if a == b:
+            continue
+        key = f"{prefix}{name}"
+        if (
+            isinstance(a, msgspec.Struct)
+            and isinstance(b, msgspec.Struct)
+            and type(a) is type(b)
+            and name != "CaptureContentTypeHeader"
+        ):
+            out += config_differences(a, b, key + ".")  # type: ignore[arg-type]
+        else:
+            out.append(key)
+    return out
+
+
+def serve(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
     import uvloop
 
     need = cfg.ingest.max_connections + MAX_VARIANTS + 256  # clients, spool files, everything else
@@ -354,7 +485,7 @@ def serve(cfg: Config) -> int:
 
     async def main() -> int:
         try:
-            daemon = Daemon(cfg)
+            daemon = Daemon(cfg, reload)
         except OSError as exc:  # unwritable spool or destination, ...: say so, no traceback
             log.error("cannot start: %s", exc)
             return 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from . import frames
-from .config import Config, valid_name
+from .config import Config, DataCaptureConfig, valid_name
 from .encode import LineEncoder
 from .logs import RateLimited
 from .sample import sample
@@ -64,6 +64,13 @@ class Pipeline:
         self.counters = Counters()
         self._valid_variants = {cfg.variant_name}
         self._warn = RateLimited(log)
+
+    def reconfigure(self, dcc: DataCaptureConfig) -> None:
+        """Take a reloaded DataCaptureConfig (sampling, EnableCapture, options, content types)
+        from the next batch on."""
+        self.enabled = dcc.EnableCapture
+        self.percentage = dcc.InitialSamplingPercentage
+        self.encoder = LineEncoder(dcc)
 
     def process(self, payload: memoryview | bytes) -> int:
         """Process one BATCH payload; return how many records it carried.

@@ -655,13 +655,6 @@ def test_two_daemons_never_share_a_spool(daemon: DaemonProcess, short_tmp: Path)
     assert len(daemon.delivered_lines()) == 5
 
 
-def test_sighup_does_not_stop_the_daemon(daemon: DaemonProcess) -> None:
-    assert daemon.proc is not None
-    daemon.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "SIGHUP ignored" in daemon.log())
-    assert daemon.status()["CaptureStatus"] == "Started"
-
-
 def test_kill_9_at_random_moments_loses_no_acknowledged_record_and_tears_no_line(
     daemon_factory: Any,
 ) -> None:
