@@ -116,24 +116,43 @@ def query_status(socket_path: str, timeout: float = 5.0) -> dict[str, Any]:
 
 
 def _format_status(doc: dict[str, Any]) -> str:
+    """`captured status` for people: one line per aspect, the JSON (`--json`) has it all."""
     c = doc["counters"]
     d = doc.get("delivery", {})
-    dropped = ", ".join(f"{k} {v}" for k, v in sorted(c["dropped"].items())) or "none"
+    w = doc.get("watermark", {})
+    ing = doc["ingest"]
+
+    def pairs(items: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(items.items())) or "none"
+
     reason = f" ({doc['CaptureStatusReason']})" if doc.get("CaptureStatusReason") else ""
+    disk = "unknown"
+    if w.get("used_percent") is not None:
+        disk = (
+            f"{w['used_percent']:.1f}% used, {w['free_bytes'] / 1e9:.1f} GB free "
+            f"(stops at {w['high_percent']:g}%, starts again at {w['low_percent']:g}%"
+            + (f", or below {w['min_free_bytes']} bytes free" if w.get("min_free_bytes") else "")
+            + f"; stopped {w.get('stops', 0)} time(s))"
+        )
     lines = [
         f"endpoint            {doc['EndpointName']} (default variant {doc['VariantName']})",
         f"CaptureStatus       {doc['CaptureStatus']}{reason}",
         f"EnableCapture       {str(doc['EnableCapture']).lower()}",
         f"sampling            {doc['CurrentSamplingPercentage']}%",
-        f"destination         {doc['DestinationS3Uri']}",
-        f"records             received {c['received']}, written {c['written']}, dropped: {dropped}",
+        f"destination         {doc['DestinationS3Uri']}"
+        + (f" (SSE-KMS {doc['KmsKeyId']})" if doc.get("KmsKeyId") else ""),
+        f"records             received {c['received']}, written {c['written']}, "
+        f"dropped: {pairs(c['dropped'])}",
         f"files               open {doc['spool']['open_files']}, sealed {doc['spool']['files_sealed']}, "
-        f"delivered {d.get('files_delivered', 0)}, waiting {d.get('files_waiting', 0)}",
+        f"delivered {d.get('files_delivered', 0)}, waiting {d.get('files_waiting', 0)} "
+        f"({d.get('bytes_waiting', 0)} bytes, oldest {d.get('oldest_waiting_s', 0):.0f}s)",
         f"delivery            {d.get('bytes_delivered', 0)} bytes delivered, {d.get('retries', 0)} retries, "
-        f"failures: {', '.join(f'{k} {v}' for k, v in sorted(d.get('failures', {}).items())) or 'none'}, "
-        f"oldest waiting {d.get('oldest_waiting_s', 0):.0f}s",
-        f"clients connected   {doc['ingest']['connections']}",
-        f"uptime              {doc['uptime_s']:.0f}s, version {doc['version']}, pid {doc['pid']}",
+        f"failures: {pairs(d.get('failures', {}))}",
+        f"disk                {disk}",
+        f"clients             {ing['connections']} connected, {ing['connections_total']} so far, "
+        f"closed by the daemon: {pairs(ing.get('protocol_errors', {}))}",
+        f"uptime              {doc['uptime_s']:.0f}s, version {doc['version']}, pid {doc['pid']}"
+        + (f", metrics on {doc['metrics']}" if doc.get("metrics") else ""),
     ]
     return "\n".join(lines) + "\n"
 

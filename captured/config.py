@@ -157,6 +157,12 @@ class S3Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     uploader_nice: int = 10
 
 
+class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    #: Where Prometheus metrics are served: `127.0.0.1:9464` (TCP) or `/run/captured/metrics.sock`
+    #: (a Unix socket); None: off.
+    address: str | None = None
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     endpoint_name: str
     variant_name: str
@@ -169,6 +175,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ingest: IngestConfig = IngestConfig()
     s3: S3Config = S3Config()
     watermark: WatermarkConfig = WatermarkConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
 
 class ConfigError(Exception):
@@ -304,6 +311,7 @@ def _build(ck: _Checker) -> Config:
         ingest=_ingest(ck, values["ingest"]),
         s3=_s3(ck, values["s3"]),
         watermark=_watermark(ck, values["watermark"]),
+        metrics=_metrics(ck, values["metrics"]),
     )
 
 
@@ -338,6 +346,28 @@ def _spool(ck: _Checker, value: object) -> SpoolConfig:
             lambda x: 0 <= x <= 3600,
             "must be a number of seconds from 0 (only when a file is sealed) to 3600",
         ),
+    )
+
+
+def _metrics(ck: _Checker, value: object) -> MetricsConfig:
+    table = ck.table("metrics", value, MetricsConfig.__struct_fields__) or {}
+    address = table.get("address")
+    if address is None:
+        return MetricsConfig()
+
+    def ok(s: str) -> bool:
+        if s.startswith("/"):
+            return len(s.encode()) <= 107
+        host, sep, port = s.rpartition(":")
+        return bool(sep and host and port.isdigit() and int(port) <= 65535)
+
+    return MetricsConfig(
+        address=ck.string(
+            "metrics.address",
+            address,
+            ok,
+            "must be host:port (e.g. 127.0.0.1:9464) or an absolute socket path",
+        )
     )
 
 

@@ -36,6 +36,7 @@ TOP_LEVEL_KEYS = (
     "ingest",
     "s3",
     "watermark",
+    "metrics",
 )
 DATA_CAPTURE_KEYS = (
     "InitialSamplingPercentage",
@@ -131,6 +132,7 @@ def _defaults(environ: Mapping[str, str], cwd: str) -> Draft:
         "ingest": {},
         "s3": {},
         "watermark": {},
+        "metrics": {},
     }
     return Draft(values, Source("", cwd))
 

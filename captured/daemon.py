@@ -25,7 +25,7 @@ import socket
 import stat
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -37,6 +37,9 @@ from .pipeline import MAX_VARIANTS, Pipeline
 from .spool import PART, Spool, ThreadSyncer, object_key, recover_part
 from .uploader import S3Uploader
 from .watermark import CaptureGate
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer
 
 log = logging.getLogger("captured.daemon")
 
@@ -86,6 +89,11 @@ class Daemon:
             allowed_uids=ing.allowed_uids,
             allowed_gids=ing.allowed_gids,
         )
+        self.metrics: MetricsServer | None = None
+        if cfg.metrics.address:
+            from .metrics import MetricsServer  # prometheus-client is loaded only when used
+
+            self.metrics = MetricsServer(cfg.metrics.address, self.status)
         self._stop = asyncio.Event()
         self._signals = 0
 
@@ -116,6 +124,7 @@ class Daemon:
             "delivery": self.delivery.stats(),
             "ingest": self.ingest.stats.as_dict(),
             "socket_path": self.cfg.socket_path,
+            "metrics": self.metrics.bound if self.metrics is not None else None,
             "uptime_s": round(time.time() - self.started_at, 3),
             "version": __version__,
             "pid": os.getpid(),
@@ -188,6 +197,14 @@ class Daemon:
             await self.delivery.stop()
             return 1
         await self.ingest.start(sock=sock)
+        if self.metrics is not None:
+            try:
+                await self.metrics.start()
+            except (OSError, ValueError) as exc:
+                log.error("cannot serve metrics on %s: %s", self.metrics.address, exc)
+                self.ingest.stop_accepting()
+                await self.delivery.stop()
+                return 1
         log.info(
             "capturing for endpoint %s: socket %s, spool %s, files land in %s (sampling %d%%, capture %s)",
             self.cfg.endpoint_name,
@@ -208,6 +225,8 @@ class Daemon:
                 os.unlink(self.cfg.socket_path)
         await self.ingest.drain(self.cfg.ingest.drain_timeout_s)
         ticker.cancel()
+        if self.metrics is not None:
+            await self.metrics.stop()
         self.spool.seal_all()
         await self.spool.syncer.wait()  # flushed, renamed, and handed to delivery
         if not await self.delivery.drain(self.cfg.s3.shutdown_timeout_s):

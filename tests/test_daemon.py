@@ -251,6 +251,11 @@ def test_status_json_matches_what_was_sent(daemon: DaemonProcess) -> None:
         check=True,
     ).stdout
     assert "CaptureStatus       Started" in text and "received 42, written 42" in text
+    assert re.search(r"disk {16}\d+\.\d% used, .* GB free \(stops at 75%, starts again at 70%", text)
+    assert "clients             " in text and f"version {doc['version']}" in text
+    for key in ("KmsKeyId", "watermark", "delivery", "ingest", "uptime_s", "version", "spool"):
+        assert key in doc
+    assert doc["watermark"]["capturing"] is True and doc["delivery"]["files_waiting"] >= 0
 
 
 def test_flush_confirms_processing(daemon: DaemonProcess) -> None:

@@ -1,0 +1,183 @@
+"""Prometheus metrics: the status document as counters and gauges, served over HTTP.
+
+`render(doc)` turns one `Daemon.status()` document into the text exposition format with
+prometheus-client (its formatting, escaping and content type, not ours); `MetricsServer` answers
+`GET /metrics` on a TCP address (`127.0.0.1:9464`) or a Unix socket path, on the daemon's own
+event loop, so every scrape reads the counters at one instant between two batches: they add up
+(received = written + the drops of every reason). Labels stay low-cardinality: a drop reason,
+a failure cause, a protocol error reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger("captured.metrics")
+
+#: A request line and headers larger than this are refused.
+MAX_REQUEST_BYTES = 8192
+REQUEST_TIMEOUT_S = 5.0
+
+
+class _StatusCollector:
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+
+    def collect(self) -> Iterator[Metric]:
+        doc = self.doc
+        c = doc["counters"]
+        labels = {"endpoint": doc["EndpointName"]}
+        names, values = list(labels), list(labels.values())
+
+        def counter(name: str, help_: str, value: float) -> CounterMetricFamily:
+            m = CounterMetricFamily(f"captured_{name}", help_, labels=names)
+            m.add_metric(values, value)
+            return m
+
+        def gauge(name: str, help_: str, value: float) -> GaugeMetricFamily:
+            m = GaugeMetricFamily(f"captured_{name}", help_, labels=names)
+            m.add_metric(values, value)
+            return m
+
+        def by(name: str, help_: str, label: str, items: dict[str, int]) -> CounterMetricFamily:
+            m = CounterMetricFamily(f"captured_{name}", help_, labels=[*names, label])
+            for key, value in sorted(items.items()):
+                m.add_metric([*values, key], value)
+            return m
+
+        info = InfoMetricFamily("captured_build", "captured version", labels=names)
+        info.add_metric(values, {"version": str(doc["version"])})
+        yield info
+        yield counter("records_received", "Records read from clients", c["received"])
+        yield counter("records_written", "Records written to the spool", c["written"])
+        yield by("records_dropped", "Records dropped, by reason", "reason", c["dropped"])
+        yield gauge("capture_enabled", "EnableCapture (1) or not (0)", 1 if doc["EnableCapture"] else 0)
+        yield gauge(
+            "capture_started",
+            "CaptureStatus Started (1) or Stopped (0)",
+            int(doc["CaptureStatus"] == "Started"),
+        )
+        yield gauge("sampling_percentage", "Current sampling percentage", doc["CurrentSamplingPercentage"])
+        spool = doc["spool"]
+        yield gauge("spool_open_files", "Spool files open for writing", spool["open_files"])
+        yield counter("spool_files_sealed", "Spool files sealed", spool["files_sealed"])
+        yield counter("spool_written_bytes", "Bytes written to the spool", spool["bytes_written"])
+        d = doc["delivery"]
+        yield counter("delivery_files", "Files delivered", d["files_delivered"])
+        yield counter("delivery_bytes", "Bytes delivered", d["bytes_delivered"])
+        yield counter("delivery_retries", "Delivery attempts that failed and were retried", d["retries"])
+        yield by(
+            "delivery_failures",
+            "Failed delivery attempts, by cause",
+            "cause",
+            d["failures"],
+        )
+        yield gauge("delivery_files_waiting", "Sealed files waiting for delivery", d["files_waiting"])
+        yield gauge("delivery_waiting_bytes", "Bytes waiting for delivery", d["bytes_waiting"])
+        yield gauge(
+            "delivery_oldest_waiting_seconds", "Age of the oldest waiting file", d["oldest_waiting_s"]
+        )
+        w = doc["watermark"]
+        if w.get("used_percent") is not None:
+            yield gauge("disk_used_percent", "Spool filesystem usage", w["used_percent"])
+            yield gauge("disk_free_bytes", "Spool filesystem free bytes", w["free_bytes"])
+        yield gauge("watermark_high_percent", "Capture stops at this usage", w["high_percent"])
+        yield gauge("watermark_low_percent", "Capture starts again at this usage", w["low_percent"])
+        yield counter("watermark_stops", "Times capture stopped for the disk", w["stops"])
+        ing = doc["ingest"]
+        yield gauge("clients_connected", "Client connections open", ing["connections"])
+        yield counter("client_connections", "Client connections accepted", ing["connections_total"])
+        yield by(
+            "client_connections_closed",
+            "Connections the daemon closed, by reason",
+            "reason",
+            ing["protocol_errors"],
+        )
+        yield gauge("uptime_seconds", "Seconds since the daemon started", doc["uptime_s"])
+
+
+def render(doc: dict[str, Any]) -> bytes:
+    """The status document in Prometheus' text format."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_StatusCollector(doc))
+    return generate_latest(registry)
+
+
+def parse_address(address: str) -> tuple[str, int] | str:
+    """`host:port` (IPv6 as `[::1]:9464`) or an absolute Unix socket path."""
+    if address.startswith("/"):
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"not host:port or /path: {address!r}")
+    return host.strip("[]"), int(port)
+
+
+class MetricsServer:
+    def __init__(self, address: str, status: Callable[[], dict[str, Any]]) -> None:
+        self.address = address
+        self.status = status
+        self._server: asyncio.Server | None = None
+        self.bound = ""
+
+    async def start(self) -> None:
+        target = parse_address(self.address)
+        if isinstance(target, str):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+            self._server = await asyncio.start_unix_server(self._handle, path=target, limit=MAX_REQUEST_BYTES)
+            self.bound = target
+        else:
+            self._server = await asyncio.start_server(
+                self._handle, target[0], target[1], limit=MAX_REQUEST_BYTES
+            )
+            host, port = self._server.sockets[0].getsockname()[:2]
+            self.bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        log.info("metrics on http://%s/metrics", self.bound)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            if self.bound.startswith("/"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.bound)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                head = await reader.readuntil(b"\r\n\r\n")
+            method, path, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+            if method not in ("GET", "HEAD"):
+                self._reply(writer, 405, b"only GET\n", "text/plain")
+            elif path.split("?")[0] not in ("/metrics", "/"):
+                self._reply(writer, 404, b"see /metrics\n", "text/plain")
+            else:
+                body = render(self.status())
+                self._reply(writer, 200, b"" if method == "HEAD" else body, CONTENT_TYPE_LATEST, len(body))
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    def _reply(
+        writer: asyncio.StreamWriter, code: int, body: bytes, content_type: str, length: int | None = None
+    ) -> None:
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}[code]
+        head = (
+            f"HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body) if length is None else length}\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(head.encode() + body)

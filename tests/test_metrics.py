@@ -1,0 +1,109 @@
+"""Prometheus metrics from a live daemon, over TCP and over a Unix socket, against its status."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import time
+from typing import Any
+
+import msgspec
+from conftest import DaemonProcess
+from prometheus_client.parser import text_string_to_metric_families
+
+from captured import CaptureClient, frames
+
+
+def scrape_tcp(address: str, path: str = "/metrics") -> tuple[int, str, str]:
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("Content-Type") or "", resp.read().decode()
+    finally:
+        conn.close()
+
+
+def scrape_unix(path: str) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    return body.decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "endpoint"))
+            out[(s.name, labels)] = s.value
+    return out
+
+
+def send(d: DaemonProcess, n: int) -> None:
+    with CaptureClient(d.socket_path) as client:
+        for i in range(n):
+            client.capture(f"{i},1\n", "0", request_content_type="text/csv")
+        assert client.flush(timeout=10)
+
+
+def send_raw_bad_variant(d: DaemonProcess, n: int) -> None:
+    """Records a client library would refuse: the daemon refuses them one by one."""
+    rec = frames.Record(b"1,2\n", b"0", "text/csv", "text/csv", time.time(), variant_name="../../etc")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(d.socket_path)
+        s.sendall(frames.frame(frames.Kind.BATCH, msgspec.msgpack.encode([rec] * n)))
+        s.sendall(frames.encode_frame(frames.Kind.FLUSH, (1,)))
+        reader = frames.FrameReader()
+        while not any(kind == frames.Kind.ACK for kind, _ in reader.feed(s.recv(65536))):
+            pass
+
+
+def test_metrics_over_tcp_match_status_and_add_up(daemon_factory: Any) -> None:
+    d: DaemonProcess = daemon_factory(extra_toml='[metrics]\naddress = "127.0.0.1:0"\n')
+    d.write_config(
+        "[DataCaptureConfig]\nInitialSamplingPercentage = 50\n"
+        f'DestinationS3Uri = "file://{d.out_dir}"\n'
+        'CaptureOptions = [{ CaptureMode = "Input" }]\n'
+        '[DataCaptureConfig.CaptureContentTypeHeader]\nCsvContentTypes = ["text/csv"]\n'
+    )
+    d.start()
+    send(d, 1000)
+    send_raw_bad_variant(d, 10)  # refused (invalid_record) unless sampled out first
+    address = d.status()["metrics"]
+    status, content_type, text = scrape_tcp(address)
+    assert status == 200 and content_type.startswith("text/plain; version=")
+    m = samples(text)
+    st = d.status()
+    c = st["counters"]
+    assert m[("captured_records_received_total", ())] == c["received"] == 1010
+    assert m[("captured_records_written_total", ())] == c["written"]
+    dropped = {labels[0][1]: v for (name, labels), v in m.items() if name == "captured_records_dropped_total"}
+    assert dropped == c["dropped"] and dropped["invalid_record"] >= 1 and dropped["sampled_out"] > 0
+    assert (
+        m[("captured_records_written_total", ())] + sum(dropped.values())
+        == m[("captured_records_received_total", ())]
+    )
+    assert m[("captured_sampling_percentage", ())] == 50
+    assert m[("captured_capture_started", ())] == 1
+    assert m[("captured_clients_connected", ())] >= 0
+    assert ("captured_build_info", (("version", st["version"]),)) in m
+    assert scrape_tcp(address, "/other")[0] == 404
+    assert d.stop() == 0
+
+
+def test_metrics_on_a_unix_socket(daemon_factory: Any, short_tmp: Any) -> None:
+    path = str(short_tmp / "m.sock")
+    d: DaemonProcess = daemon_factory(extra_toml=f'[metrics]\naddress = "{path}"\n').start()
+    send(d, 20)
+    m = samples(scrape_unix(path))
+    assert m[("captured_records_written_total", ())] == 20
+    assert m[("captured_delivery_files_waiting", ())] >= 0
+    assert d.stop() == 0
