@@ -158,8 +158,8 @@ class S3Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    #: Where Prometheus metrics are served: `127.0.0.1:9464` (TCP) or `/run/captured/metrics.sock`
-    #: (a Unix socket); None: off.
+    #: Where Prometheus metrics are served: `127.0.0.1:9464` (TCP) or an absolute Unix socket
+    #: path in a directory the daemon may write (under systemd: its StateDirectory); None: off.
     address: str | None = None
 
 
