@@ -78,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --s3: the daemon's [s3] uploader_nice (default: the daemon's default)",
     )
     p.add_argument(
+        "--sender",
+        choices=["client", "frames"],
+        default="client",
+        help="how captured's senders send: client (CaptureClient.capture per record, the default) or "
+        "frames (the same BATCH frames built before the clock and written raw: the daemon's intake alone)",
+    )
+    p.add_argument(
         "--spool-fsync",
         type=float,
         metavar="S",
@@ -145,7 +152,9 @@ def cpu_seconds(proc: psutil.Process) -> tuple[float, float]:
 class SenderPool:
     """Sender processes released together by one event; results come back on one queue."""
 
-    def __init__(self, system: str, socket_path: str, counts: list[int], size: int) -> None:
+    def __init__(
+        self, system: str, socket_path: str, counts: list[int], size: int, sender: str = "client"
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.queue: Any = ctx.Queue()
         self.go = ctx.Event()
@@ -154,6 +163,7 @@ class SenderPool:
             ctx.Process(
                 target=run_sender,
                 args=(system, i, socket_path, n, size, self.queue, self.go, FLUSH_TIMEOUT_S),
+                kwargs={"sender": sender},
                 daemon=True,
             )
             for i, n in enumerate(counts)
@@ -231,7 +241,7 @@ def run_once(system: str, args: argparse.Namespace, run: int) -> dict[str, Any]:
         if args.prewarm:
             server.prewarm(args.records * (size + PREWARM_LINE_OVERHEAD))
         server.start()
-        pool = SenderPool(system, server.socket_path, counts, size)
+        pool = SenderPool(system, server.socket_path, counts, size, args.sender)
         pool.start()
         daemon = psutil.Process(server.pid)
         if args.profile:
@@ -376,7 +386,8 @@ def format_report(doc: dict[str, Any]) -> str:
         f"python {m['python']}, captured {m['captured']}, msgspec {m['msgspec']}, uvloop {m['uvloop']} "
         f"(captured source {m['captured_source']}); "
         f"{m['date']}",
-        f"{p['records']} records, {p['senders']} senders, sampling {p['sampling']} %, "
+        f"{p['records']} records, {p['senders']} senders ({p.get('sender', 'client')}), "
+        f"sampling {p['sampling']} %, "
         f"{p['payload']} B payloads, rotation every {p['max_file_age_s']:.0f} s, "
         f"median of {p['repeat']} run(s), page cache {'prewarmed' if p['prewarm'] else 'cold'}",
         *([f"server environment: {' '.join(p['server_env'])}"] if p["server_env"] else []),
@@ -482,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             "server_env": args.server_env,
             "uploader_nice": args.uploader_nice,
             "spool_fsync": args.spool_fsync,
+            "sender": args.sender,
         },
         "results": results,
         "ratios": ratios(results),

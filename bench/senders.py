@@ -68,6 +68,43 @@ def captured_sender(
     ready.put(asdict(result))
 
 
+def frames_sender(
+    index: int, socket_path: str, n: int, size: int, ready: Queue[Any], go: Event, flush_timeout_s: float
+) -> None:
+    """The daemon's intake without the client library's cost: the BATCH frames `CaptureClient`
+    would send (same encoding, same ~512 KiB batches) are built before the clock, then written
+    to one socket as fast as it takes them; a FLUSH/ACK at the end confirms processing."""
+    from captured import frames
+    from captured.client import TAKE_BYTES
+    from captured.record import batch_frames, prepare_record
+
+    now = time.time()
+    prepared = [
+        prepare_record(req, resp, "text/csv", "text/csv", None, None, None, None, now, 6 * 1024 * 1024)
+        for req, resp in payloads(n, seed=index, size=size)
+    ]
+    built = batch_frames([r for r, _ in prepared], [sz for _, sz in prepared], TAKE_BYTES)
+    del prepared
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(socket_path)
+    ready.put("ready")
+    go.wait()
+    t0, c0 = time.perf_counter(), _cpu()
+    for frame, _ in built:
+        sock.sendall(frame)
+    sock.sendall(frames.encode_frame(frames.Kind.FLUSH, (1,)))
+    sock.settimeout(flush_timeout_s)
+    reader = frames.FrameReader()
+    acked = False
+    while not acked:
+        data = sock.recv(65536)
+        if not data:
+            break
+        acked = any(kind == frames.Kind.ACK for kind, _ in reader.feed(data))
+    sock.close()
+    ready.put(asdict(SenderResult(index, n, time.perf_counter() - t0, _cpu() - c0, flushed=acked)))
+
+
 def naive_lines(n: int, seed: int, size: int) -> list[bytes]:
     """The naive wire lines; only the distinct ones are encoded, so the sender is as fast as can be."""
     distinct = [
@@ -103,9 +140,13 @@ def naive_sender(
     ready.put(asdict(SenderResult(index, n, time.perf_counter() - t0, _cpu() - c0)))
 
 
-def run_sender(system: str, *args: Any) -> None:
+#: `--sender` choices for the captured systems.
+CAPTURED_SENDERS = {"client": captured_sender, "frames": frames_sender}
+
+
+def run_sender(system: str, *args: Any, sender: str = "client") -> None:
     """Process target: run one sender; any failure is reported instead of a result."""
-    target = naive_sender if system == "naive" else captured_sender
+    target = naive_sender if system == "naive" else CAPTURED_SENDERS[sender]
     try:
         target(*args)
     except BaseException as exc:

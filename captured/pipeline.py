@@ -75,43 +75,48 @@ class Pipeline:
     def process(self, payload: memoryview | bytes) -> int:
         """Process one BATCH payload; return how many records it carried.
 
+        The common case (100 %, capturing, a client-sized batch) decodes the whole batch at
+        once. Otherwise the batch is split into raw records first (cheap: no objects per field)
+        and only the records that will be written are decoded: a record sampled out, or read
+        while capture is stopped, costs almost nothing. Large batches go a slice at a time, so
+        one 16 MiB frame of tiny records does not become ~700 MB of objects.
+
         Raises `frames.ProtocolError` when the payload is not an array at all.
         """
-        if len(payload) > SLICE_BYTES:
-            return self._process_sliced(payload)
-        try:
-            records = frames.batch_decoder.decode(payload)
-            invalid = 0
-        except (msgspec.DecodeError, UnicodeDecodeError):  # (msgspec raises the latter for bad UTF-8)
-            records, invalid = self._decode_each(self._raws(payload))
-        return self._take(records, invalid)
-
-    def _process_sliced(self, payload: memoryview | bytes) -> int:
-        """A large batch (not what `CaptureClient` sends: its batches stay near 512 KiB) goes
-        through in slices of `SLICE_RECORDS`, so the objects of only one slice are alive at a
-        time: one 16 MiB frame of tiny records would otherwise take ~700 MB."""
+        if self.percentage >= 100 and self.enabled and self.gate.open and len(payload) <= SLICE_BYTES:
+            try:
+                records = frames.batch_decoder.decode(payload)
+                invalid = 0
+            except (msgspec.DecodeError, UnicodeDecodeError):  # (msgspec raises the latter for bad UTF-8)
+                records, invalid = self._decode_each(self._raws(payload))
+            c = self.counters
+            c.received += len(records) + invalid
+            c.drop(INVALID_RECORD, invalid)
+            if records:
+                self._write(records)
+            return len(records) + invalid
         raws = self._raws(payload)
-        total = 0
         for start in range(0, len(raws), SLICE_RECORDS):
-            total += self._take(*self._decode_each(raws[start : start + SLICE_RECORDS]))
-        return total
+            self._take_raws(raws[start : start + SLICE_RECORDS])
+        return len(raws)
 
-    def _take(self, records: list[frames.Record], invalid: int) -> int:
-        received = len(records) + invalid
+    def _take_raws(self, raws: list[msgspec.Raw]) -> None:
         c = self.counters
-        c.received += received
-        c.drop(INVALID_RECORD, invalid)
+        n = len(raws)
+        c.received += n
         if not self.enabled:
-            c.drop(CAPTURE_DISABLED, len(records))
-            return received
+            c.drop(CAPTURE_DISABLED, n)
+            return
         if not self.gate.open:
-            c.drop(DISK_WATERMARK, len(records))
-            return received
-        kept = sample(records, self.percentage)
-        c.drop(SAMPLED_OUT, len(records) - len(kept))
+            c.drop(DISK_WATERMARK, n)
+            return
+        kept = sample(raws, self.percentage)
+        c.drop(SAMPLED_OUT, n - len(kept))
         if kept:
-            self._write(kept)
-        return received
+            records, invalid = self._decode_each(kept)
+            c.drop(INVALID_RECORD, invalid)
+            if records:
+                self._write(records)
 
     def _write(self, records: list[frames.Record]) -> None:
         c = self.counters
