@@ -182,8 +182,8 @@ class LineEncoder:
 
         A record is refused when its time is not a usable epoch second (NaN, negative, past
         year 9999), its variant name fails `variant_ok`, or its metadata breaks SageMaker's
-        rules (inferenceId 1..64 printable characters, customAttributes at most 1024 ASCII
-        characters; eventId 1..128 characters; content types at most 1024). A side is present when its mode is
+        rules (inferenceId printable, not starting with a space; customAttributes ASCII; the
+        lengths are the decoder's business, see `frames.Record`). A side is present when its mode is
         captured and the record has that body. This loop is the daemon's hottest code: the
         work per record is inlined on purpose (no helper calls, positional struct
         construction, cache lookups only).
@@ -211,26 +211,15 @@ class LineEncoder:
             elif not variant_ok(variant):
                 invalid += 1
                 continue
-            # The metadata rules `record.prepare_record` applies in the client, for peers that
-            # do not use it (rare fields: one None test each in the common case).
+            # The metadata rules `record.prepare_record` applies in the client, for peers that do
+            # not use it. Lengths are checked by the decoder already (`frames.Record`); what it
+            # cannot check costs one None test per field in the common case.
             text = r.inference_id
-            if text is not None and not (0 < len(text) <= 64 and text.isprintable() and text[0] != " "):
+            if text is not None and not (text.isprintable() and text[0] != " "):
                 invalid += 1
                 continue
             text = r.custom_attributes
-            if text is not None and not (len(text) <= 1024 and text.isascii()):
-                invalid += 1
-                continue
-            text = r.event_id
-            if text is not None and not 0 < len(text) <= 128:
-                invalid += 1
-                continue
-            text = r.request_content_type
-            if text is not None and len(text) > 1024:
-                invalid += 1
-                continue
-            text = r.response_content_type
-            if text is not None and len(text) > 1024:
+            if text is not None and not text.isascii():
                 invalid += 1
                 continue
             second = int(t)

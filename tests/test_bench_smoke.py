@@ -83,3 +83,21 @@ def test_upload_bench_runs_and_verifies_both_systems() -> None:
         assert result["objects_verified"] == 2
         assert result["files"] == 2
     assert set(doc["ratios"]) == {"mb_per_s", "cpu_s_per_gb"}
+
+
+@pytest.mark.timeout(120)
+def test_stage_bench_runs_every_stage() -> None:
+    """`bench/stages.py --records 200 --repeat 2 --json`: every stage and its baseline run on the
+    seeded batch (the stages assert their own outputs' shapes). No timings are checked."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "stages.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--records", "200", "--repeat", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    doc = json.loads(proc.stdout)
+    names = [r["stage"] for r in doc["results"]]
+    assert names == ["client encode", "frame decode", "sampling 10 %", "encode", "spool write", "pipeline"]
+    assert all(r["ns_per_record"] > 0 and r["baseline_ns_per_record"] > 0 for r in doc["results"])

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import socket
+import tempfile
 import threading
 import time
 from typing import Any
@@ -21,8 +22,12 @@ from hypothesis import strategies as st
 from test_encode import dcc
 
 from captured import CaptureClient, frames
+from captured.config import Overrides, load_config
 from captured.encode import LineEncoder
 from captured.frames import Record
+from captured.pipeline import Pipeline
+from captured.spool import Spool
+from captured.watermark import CaptureGate
 
 # -- the encoder, for any record ------------------------------------------------------------------
 
@@ -88,16 +93,29 @@ def test_every_line_is_sagemaker_json_that_gives_back_the_bodies(rows: list[Any]
     ],
 )
 def test_the_daemon_refuses_metadata_the_client_would_have_refused(field: dict[str, str]) -> None:
-    enc = LineEncoder(dcc())
+    """Lengths are refused by the decoder, characters by the encoder: either way the record is
+    refused and counted, and the rest of its batch is kept."""
     base = {
         "request": b"1",
         "response": b"2",
         "request_content_type": "text/csv",
         "response_content_type": "text/csv",
     }
-    rec = Record(**{**base, "inference_time": 1.0e9, **field})  # type: ignore[arg-type]
-    groups, invalid = enc.group_lines([rec], "AllTraffic", lambda v: False)
-    assert invalid == 1 and groups == {}
+    bad = Record(**{**base, "inference_time": 1.0e9, **field})  # type: ignore[arg-type]
+    good = Record(**{**base, "inference_time": 1.0e9})  # type: ignore[arg-type]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(
+            overrides=Overrides(
+                destination=f"file://{tmp}/out", spool_dir=f"{tmp}/spool", socket_path=f"{tmp}/s"
+            ),
+            environ={},
+            cwd=tmp,
+        )
+        spool = Spool(cfg.spool_dir, cfg.endpoint_name, cfg.spool, lambda p, n: None)
+        pipeline = Pipeline(cfg, spool, CaptureGate(cfg.spool_dir, cfg.watermark))
+        assert pipeline.process(msgspec.msgpack.encode([good, bad, good])) == 3
+        spool.seal_all()
+    assert pipeline.counters.as_dict() == {"received": 3, "written": 2, "dropped": {"invalid_record": 1}}
 
 
 # -- memory ------------------------------------------------------------------------------------------
