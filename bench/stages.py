@@ -47,6 +47,7 @@ from captured.config import (
     DataCaptureConfig,
     SpoolConfig,
 )
+from captured.daemon import tune_malloc
 from captured.encode import LineEncoder
 from captured.pipeline import Pipeline
 from captured.record import batch_frames, prepare_record
@@ -87,6 +88,7 @@ def timed(fn: Callable[[], object], repeat: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    tune_malloc()  # the daemon's allocator settings, or large buffers page-fault on every run
     n = args.records
     pairs = payloads(n, seed=1, size=PAYLOAD_SIZES[args.payload])
     now = time.time()
