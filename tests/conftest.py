@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from captured import frames
 from captured.cli import query_status
 
 # A real S3-compatible server (moto, in a child process) and a fault proxy: see s3fixtures.py.
@@ -140,6 +142,19 @@ def daemon(daemon_factory: Any) -> DaemonProcess:
     """A running daemon: 100 % sampling, Input and Output, CSV and JSON content types."""
     d: DaemonProcess = daemon_factory()
     return d.start()
+
+
+def read_error(s: socket.socket, timeout: float = 10.0) -> str:
+    """The text of the daemon's ERROR frame on `s`, or "" if the connection closed without one."""
+    s.settimeout(timeout)
+    reader = frames.FrameReader()
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return ""
+        for kind, payload in reader.feed(data):
+            if kind == frames.Kind.ERROR:
+                return bytes(payload).decode()
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:

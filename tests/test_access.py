@@ -12,22 +12,9 @@ import time
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, wait_for
+from conftest import DaemonProcess, read_error, wait_for
 
 from captured import CaptureClient, frames
-
-
-def read_error(s: socket.socket, timeout: float = 10.0) -> str:
-    """The text of the daemon's ERROR frame, or "" if the connection closed without one."""
-    s.settimeout(timeout)
-    reader = frames.FrameReader()
-    while True:
-        data = s.recv(65536)
-        if not data:
-            return ""
-        for kind, payload in reader.feed(data):
-            if kind == frames.Kind.ERROR:
-                return bytes(payload).decode()
 
 
 def capture_ok(d: DaemonProcess, n: int = 20) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, wait_for
+from conftest import DaemonProcess, read_error, wait_for
 
 from captured import CaptureClient, frames
 from captured.cli import query_status
@@ -328,17 +328,6 @@ def test_shutdown_drains_what_clients_sent(daemon: DaemonProcess) -> None:
     assert "stopped: received 20000, written 20000" in daemon.log()
 
 
-def _read_error(s: socket.socket) -> str:
-    reader = frames.FrameReader()
-    while True:
-        data = s.recv(65536)
-        if not data:
-            return ""
-        for kind, payload in reader.feed(data):
-            if kind == frames.Kind.ERROR:
-                return bytes(payload).decode()
-
-
 @pytest.mark.parametrize(
     ("garbage", "reason", "message"),
     [
@@ -358,7 +347,7 @@ def test_protocol_violations_close_only_that_connection(
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bad:
         bad.connect(daemon.socket_path)
         bad.sendall(garbage)
-        assert message in _read_error(bad)
+        assert message in read_error(bad)
     good.capture(**csv_pair(2))
     assert good.flush()
     status = daemon.status()
@@ -606,7 +595,7 @@ def test_frames_before_a_bad_header_in_the_same_read_still_count(daemon: DaemonP
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(daemon.socket_path)
         s.sendall(_raw_records(10) + b"XX" + os.urandom(64))
-        assert "bad magic" in _read_error(s)
+        assert "bad magic" in read_error(s)
     assert daemon.status()["counters"]["written"] == 10
 
 
@@ -615,7 +604,7 @@ def test_deeply_nested_payload_is_a_counted_protocol_error(daemon: DaemonProcess
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(daemon.socket_path)
         s.sendall(frames.frame(frames.Kind.BATCH, nested))
-        assert "undecodable" in _read_error(s)
+        assert "undecodable" in read_error(s)
     status = daemon.status()
     assert sum(status["ingest"]["protocol_errors"].values()) == 1
 
