@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("captured.daemon")
 
 TICK_S = 0.25
+#: sun_path holds 108 bytes, the last a NUL.
+MAX_SOCKET_PATH = 107
 
 
 #: How often the one-line STATUS= for systemd is refreshed.
@@ -397,7 +399,9 @@ def bind_socket(path: str, mode: int = 0o660, group: str | None = None) -> socke
             raise FileExistsError(f"another daemon is listening on {path}")
         finally:
             probe.close()
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = os.path.join(os.path.dirname(path), f".captured-{os.getpid()}.sock")
+    if len(os.fsencode(tmp)) > MAX_SOCKET_PATH:  # no room for a longer name: bind in place
+        tmp = path
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with contextlib.suppress(FileNotFoundError):
@@ -407,7 +411,8 @@ def bind_socket(path: str, mode: int = 0o660, group: str | None = None) -> socke
             os.chmod(tmp, mode)
             if gid != -1:
                 os.chown(tmp, -1, gid)
-            os.rename(tmp, path)
+            if tmp != path:
+                os.rename(tmp, path)
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

@@ -38,7 +38,7 @@ def test_socket_file_gets_the_configured_mode_and_group(daemon_factory: Any) -> 
     st = os.stat(d.socket_path)
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_gid == os.getgid()
     assert capture_ok(d)
-    assert not [p for p in os.listdir(os.path.dirname(d.socket_path)) if p.endswith(".tmp")]
+    assert not [p for p in os.listdir(os.path.dirname(d.socket_path)) if p.startswith(".captured-")]
 
 
 def test_an_unknown_socket_group_is_a_clear_start_error(daemon_factory: Any) -> None:
