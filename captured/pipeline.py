@@ -135,9 +135,12 @@ class Pipeline:
             try:
                 self.spool.write(variant, hour, group.first_time, data)
             except OSError as exc:
-                c.drop(WRITE_ERROR, len(group.lines))
+                # Pieces written to earlier files before the failure are in the spool: count them.
+                kept = data.count(b"\n", 0, getattr(exc, "written", 0))
+                c.written += kept
+                c.drop(WRITE_ERROR, len(group.lines) - kept)
                 self._warn.warning(
-                    "write", "spool write failed, %d record(s) dropped: %s", len(group.lines), exc
+                    "write", "spool write failed, %d record(s) dropped: %s", len(group.lines) - kept, exc
                 )
                 gate.write_failed(exc)
                 continue

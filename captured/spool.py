@@ -165,34 +165,42 @@ class Spool:
         """Append whole JSON lines `data` to the open file of (variant, hour).
 
         `first_time` names a new file when one has to be opened. Data larger than what the
-        current file may still take is split at line boundaries across files.
+        current file may still take is split at line boundaries across files. If a write fails
+        after earlier pieces went into files, the OSError raised carries `written`: how many
+        bytes of `data` (whole lines) are in the spool all the same.
         """
         key = (variant, hour)
         f = self._open.get(key)
-        while data:
-            if f is None:
-                f = self._open_file(variant, hour, first_time)
-            room = self.max_bytes - f.size
-            if len(data) <= room:
-                chunk, data = data, b""
-            else:
-                cut = data.rfind(b"\n", 0, room) + 1
-                if cut == 0:
-                    if f.size > 0:  # the next line does not fit: start a new file
-                        self._seal(key)
-                        f = None
-                        continue
-                    # a single line larger than max_file_bytes: it gets a file of its own
-                    cut = data.index(b"\n") + 1
-                chunk, data = data[:cut], data[cut:]
-            try:
-                self._write_all(f, chunk)
-            except OSError:
-                self._seal_after_failure(key)
-                raise
-            if data or f.size >= self.max_bytes:
-                self._seal(key)
-                f = None
+        done = 0
+        try:
+            while data:
+                if f is None:
+                    f = self._open_file(variant, hour, first_time)
+                room = self.max_bytes - f.size
+                if len(data) <= room:
+                    chunk, data = data, b""
+                else:
+                    cut = data.rfind(b"\n", 0, room) + 1
+                    if cut == 0:
+                        if f.size > 0:  # the next line does not fit: start a new file
+                            self._seal(key)
+                            f = None
+                            continue
+                        # a single line larger than max_file_bytes: it gets a file of its own
+                        cut = data.index(b"\n") + 1
+                    chunk, data = data[:cut], data[cut:]
+                try:
+                    self._write_all(f, chunk)
+                except OSError:
+                    self._seal_after_failure(key)
+                    raise
+                done += len(chunk)
+                if data or f.size >= self.max_bytes:
+                    self._seal(key)
+                    f = None
+        except OSError as exc:
+            exc.written = done  # type: ignore[attr-defined]
+            raise
 
     def tick(self) -> None:
         """Seal files whose hour has ended (wall clock) or that have been open too long; flush

@@ -7,6 +7,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -235,3 +236,29 @@ def test_thread_syncer_runs_in_order_off_the_loop_and_reports_back_on_it(tmp_pat
     order = asyncio.run(main())
     assert [o for o in order if o.startswith("work")] == [f"work{i}:True" for i in range(5)]
     assert [o for o in order if o.startswith("then")] == [f"then{i}:True" for i in range(5)]
+
+
+def test_a_failed_write_reports_the_whole_lines_already_in_the_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Data split across two files; the second file's write fails (ENOSPC, injected at os.write):
+    the error says 1,020 bytes of whole lines went in, and the sealed first file holds exactly
+    those, so the pipeline can count them as written and only the rest as write_error."""
+    clock = Clock(T0)
+    spool, sealed = make_spool(tmp_path, clock, max_file_bytes=1024)
+    data = lines(150)
+    real_write = os.write
+    calls = {"n": 0}
+
+    def failing_second_write(fd: int, buf: Any) -> int:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, buf)
+
+    monkeypatch.setattr(os, "write", failing_second_write)
+    with pytest.raises(OSError) as info:
+        spool.write("AllTraffic", int(T0) // 3600, T0, data)
+    monkeypatch.undo()
+    assert info.value.written == 1020  # type: ignore[attr-defined]
+    assert [n for _, n in sealed] == [1020] and Path(sealed[0][0]).read_bytes() == data[:1020]
