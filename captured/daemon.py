@@ -236,6 +236,7 @@ class Daemon:
         await self.delivery.stop()
         c = self.pipeline.counters
         log.info("stopped: received %d, written %d, dropped %s", c.received, c.written, c.dropped)
+        self.notifier.close()
         return 0
 
     def _listening_socket(self) -> socket.socket:
