@@ -10,8 +10,10 @@ runs; beside it, a baseline doing the same job the obvious way with the standard
                  vs json.loads of the same records as JSON lines
   sampling 10 %  raw split + sampling + decoding the kept records (the daemon below 100 %)
                  vs full decode, then sampling
-  encode         LineEncoder.group_lines + encode (SageMaker JSON lines)
+  encode         LineEncoder.encode_uniform: SageMaker JSON lines, column by column (what the
+                 pipeline does with a uniform batch, i.e. one model server's)
                  vs building each line's dict and json.dumps
+  encode, by record  LineEncoder.group_lines + encode: the path for mixed batches, same baseline
   spool write    Spool.write of the encoded group (one os.write per group)
                  vs one write per line to a file
   pipeline       Pipeline.process of one BATCH payload (decode, sample, encode, write)
@@ -155,7 +157,12 @@ def run_stages(
     # -- encode
     enc = LineEncoder(DCC)
 
-    def encode() -> list[bytes]:
+    def encode() -> bytes:
+        uniform = enc.encode_uniform(records, "AllTraffic", lambda v: True)
+        assert uniform is not None, "the bench batch is uniform: one model server's records"
+        return uniform.data
+
+    def encode_records() -> list[bytes]:
         groups, _ = enc.group_lines(records, "AllTraffic", lambda v: True)
         return [enc.encode(g.lines) for g in groups.values()]
 
@@ -184,7 +191,7 @@ def run_stages(
             out.append(json.dumps(doc, separators=(",", ":")))
         return ("\n".join(out) + "\n").encode()
 
-    (encoded,) = encode()
+    encoded = encode()
     lines = encoded.splitlines(keepends=True)
 
     # -- spool write
@@ -232,6 +239,7 @@ def run_stages(
         ("frame decode", decode, decode_json),
         ("sampling 10 %", sample_raw, sample_full),
         ("encode", encode, encode_json),
+        ("encode, by record", encode_records, encode_json),
         ("spool write", spool_write, write_lines),
         ("pipeline", pipeline_process, pipeline_json),
     ]

@@ -61,6 +61,15 @@ class Line(msgspec.Struct, gc=False):
     eventVersion: str = "0"
 
 
+class Uniform(NamedTuple):
+    """A uniform batch encoded whole (`LineEncoder.encode_uniform`): one spool write."""
+
+    variant: str
+    hour: int
+    first_time: float
+    data: bytes
+
+
 class Group(NamedTuple):
     """The lines of one (variant, hour), and the time of its first record (names a new file)."""
 
@@ -111,14 +120,12 @@ _UUID_LAYOUT: list[int | str] = [
 _TO_VARIANT = bytes.maketrans(b"0123456789abcdef", b"89ab89ab89ab89ab")
 
 
-def new_event_ids(n: int) -> list[str]:
-    """`n` random version-4 UUID strings.
+def _event_id_block(n: int) -> bytearray:
+    """`n` random version-4 UUIDs as ASCII, each followed by `\\n` (37 bytes per id).
 
     Built column by column (one C-level slice assignment per character position) from one
-    `os.urandom` call, then split once: about ten times cheaper than `str(uuid.uuid4())`.
+    `os.urandom` call: about ten times cheaper than `str(uuid.uuid4())` per id.
     """
-    if n <= 0:
-        return []
     h = os.urandom(16 * n).hex().encode()
     out = bytearray(b"\n" * (37 * n))
     for j, src in enumerate(_UUID_LAYOUT):
@@ -128,7 +135,41 @@ def new_event_ids(n: int) -> list[str]:
             out[j::37] = src.encode() * n
         else:
             out[j::37] = h[src::32]
-    return out[:-1].decode().split("\n")
+    return out
+
+
+def new_event_ids(n: int) -> list[str]:
+    """`n` random version-4 UUID strings."""
+    if n <= 0:
+        return []
+    return _event_id_block(n)[:-1].decode().split("\n")
+
+
+def new_event_id_bytes(n: int) -> list[bytes]:
+    """`n` random version-4 UUIDs as ASCII bytes (for `LineEncoder.encode_uniform`)."""
+    if n <= 0:
+        return []
+    return bytes(_event_id_block(n)[:-1]).split(b"\n")
+
+
+class _NotUniform(Exception):
+    """The batch is not uniform (`LineEncoder.encode_uniform`): encode it record by record."""
+
+
+def _given_by_all(values: list[str | None]) -> list[str] | None:
+    """`values` if every record gave one, None if none did; mixed is not uniform."""
+    missing = values.count(None)
+    if missing == len(values):
+        return None
+    if missing:
+        raise _NotUniform
+    return values  # type: ignore[return-value]
+
+
+def _valid_inference_ids(ids: list[str]) -> bool:
+    """Every id printable, none starting with a space (lengths are the decoder's)."""
+    # After the printable check no id holds a newline, so "\n " marks an id starting with a space.
+    return "".join(ids).isprintable() and ("\n" + "\n".join(ids)).find("\n ") < 0
 
 
 class LineEncoder:
@@ -266,6 +307,149 @@ class LineEncoder:
                 last_variant, last_hour, last_lines = variant, hour, group.lines
             last_lines.append(line)
         return groups, invalid
+
+    def encode_uniform(
+        self,
+        records: Sequence[Record],
+        default_variant: str,
+        variant_ok: Callable[[str], bool],
+    ) -> Uniform | None:
+        """The whole of `records` as JSON Lines in one piece when the batch is uniform, else None.
+
+        Uniform: every time valid and in one UTC hour; one variant; each optional field (event
+        id, inference id, custom attributes) given by every record or by none, and valid; each
+        captured side present in every record or in none, with one content type; text bodies
+        that are valid UTF-8. That is what one model server sends. Anything else returns None
+        and goes through `group_lines` + `encode`, which this equals byte for byte
+        (tests/test_encode.py checks it with Hypothesis).
+
+        The work goes column by column, as C-level passes over the batch (comprehensions,
+        `map`, `count`, `join`): the line is a template whose variable parts (bodies, ids,
+        times) are JSON-encoded a column at a time and interleaved with the constant parts by
+        strided list assignment. No struct per record: about twice as fast as `group_lines`.
+        """
+        n = len(records)
+        if not n:
+            return None
+        times = [r.inference_time for r in records]
+        lo = min(times)
+        hi = max(times)
+        total = sum(times)  # NaN if any time is NaN (min/max would skip it)
+        if total != total or not (lo >= 0.0 and hi < MAX_EPOCH_S):
+            return None
+        first_second = int(lo)
+        last_second = int(hi)
+        hour = first_second // 3600
+        if last_second // 3600 != hour:
+            return None
+        encode = self._json_encoder.encode
+        event_ids: list[str] | None = None
+        inference_ids: list[str] | None = None
+        attributes: list[str] | None = None
+        variant = default_variant
+        if [
+            r
+            for r in records
+            if r.event_id is not None
+            or r.inference_id is not None
+            or r.custom_attributes is not None
+            or r.variant_name is not None
+        ]:  # one pass for the common case, where none of the four is given
+            variants = [r.variant_name for r in records]
+            if variants.count(variants[0]) != n:
+                return None
+            if variants[0] is not None:
+                variant = variants[0]
+                if not variant_ok(variant):
+                    return None
+            try:
+                event_ids = _given_by_all([r.event_id for r in records])
+                inference_ids = _given_by_all([r.inference_id for r in records])
+                attributes = _given_by_all([r.custom_attributes for r in records])
+            except _NotUniform:
+                return None
+            if inference_ids is not None and not _valid_inference_ids(inference_ids):
+                return None
+            if attributes is not None and not "".join(attributes).isascii():
+                return None
+
+        # The line as constant text around variable columns (one piece per record each).
+        consts: list[bytes] = []
+        columns: list[list[bytes]] = []
+        text = b'{"captureData":{'
+        sides = (
+            (b'"endpointInput"', b"INPUT", [r.request for r in records] if self.capture_input else None),
+            (b'"endpointOutput"', b"OUTPUT", [r.response for r in records] if self.capture_output else None),
+        )
+        comma = b""
+        for key, mode, bodies in sides:
+            if bodies is None:  # not captured
+                continue
+            if bodies[0] is None:
+                if bodies.count(None) == n:  # captured, but no record has this side
+                    continue
+                return None
+            if mode == b"INPUT":
+                types = [r.request_content_type for r in records]
+            else:
+                types = [r.response_content_type for r in records]
+            content_type = types[0]
+            if types.count(content_type) != n:
+                return None
+            encoding = self.encoding_for(content_type)
+            values: list[bytes] | list[str] = bodies  # type: ignore[assignment]
+            if encoding is BASE64:
+                if None in bodies:
+                    return None
+            else:
+                try:
+                    values = list(map(bytes.decode, bodies))  # type: ignore[arg-type]
+                except (TypeError, UnicodeDecodeError):  # a None body, or not UTF-8 after all
+                    return None
+            consts.append(
+                b'%s%s:{"observedContentType":%s,"mode":"%s","data":'
+                % (text, comma + key, encode(content_type), mode)
+            )
+            columns.append(list(map(encode, values)))
+            text = b',"encoding":"%s"}' % encoding.encode()
+            comma = b","
+        text += b'},"eventMetadata":{"eventId":'
+        if event_ids is None:
+            consts.append(text + b'"')
+            columns.append(new_event_id_bytes(n))
+            text = b'"'
+        else:
+            consts.append(text)
+            columns.append(list(map(encode, event_ids)))
+            text = b""
+        for key, given in ((b"inferenceId", inference_ids), (b"customAttributes", attributes)):
+            if given is not None:
+                consts.append(b'%s,"%s":' % (text, key))
+                columns.append(list(map(encode, given)))
+                text = b""
+        text += b',"inferenceTime":"'
+        if first_second == last_second:
+            text += self.time_string(first_second).encode()
+        else:
+            strings = {sec: self.time_string(sec).encode() for sec in set(map(int, times))}
+            consts.append(text)
+            columns.append(list(map(strings.__getitem__, map(int, times))))
+            text = b""
+        text += b'"},"eventVersion":"0"}\n'
+
+        # Record i is consts[0] col0[i] consts[1] col1[i] ...; the text after the last column
+        # joins the next record's first constant.
+        k = len(columns)
+        row: list[bytes] = []
+        for c in consts:
+            row += (c, b"")
+        row[0] = text + consts[0]
+        parts = row * n
+        for j, column in enumerate(columns):
+            parts[2 * j + 1 :: 2 * k] = column
+        parts[0] = consts[0]
+        parts.append(text)
+        return Uniform(variant, hour, records[0].inference_time, b"".join(parts))
 
     def encode(self, lines: Iterable[Line]) -> bytes:
         """JSON Lines: one compact object per line, each followed by `\\n`."""

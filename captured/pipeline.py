@@ -1,8 +1,9 @@
 """The hot path: one BATCH payload -> decode -> sample -> encode -> spool, counted by reason.
 
 Everything here runs per batch: one msgspec decode for the whole batch, one comprehension for
-sampling, one `encode_lines` per (variant, hour) group and one write per group. Per-record work
-is the unavoidable: build the line struct and look up two small caches.
+sampling, then the encoder. A uniform batch (one model server's: one variant, one hour, the same
+fields and content types throughout) is encoded column by column and written at once; any other
+goes record by record into one `encode_lines` and one write per (variant, hour) group.
 
 Counters add up: received = written + sum(dropped.values()).
 """
@@ -119,33 +120,38 @@ class Pipeline:
                 self._write(records)
 
     def _write(self, records: list[frames.Record]) -> None:
-        c = self.counters
-        groups, invalid = self.encoder.group_lines(records, self.default_variant, self._variant_ok)
+        encoder = self.encoder
+        uniform = encoder.encode_uniform(records, self.default_variant, self._variant_ok)
+        if uniform is not None:  # the common case: one model server's batch, one write
+            self._write_group(uniform.variant, uniform.hour, uniform.first_time, uniform.data, len(records))
+            return
+        groups, invalid = encoder.group_lines(records, self.default_variant, self._variant_ok)
         if invalid:
-            c.drop(INVALID_RECORD, invalid)
+            self.counters.drop(INVALID_RECORD, invalid)
             self._warn.warning(
                 "invalid", "refused %d record(s): bad inferenceTime, variant name or metadata", invalid
             )
-        gate = self.gate
         for (variant, hour), group in groups.items():
-            if not gate.open:  # a write of this batch failed just now
-                c.drop(DISK_WATERMARK, len(group.lines))
+            if not self.gate.open:  # a write of this batch failed just now
+                self.counters.drop(DISK_WATERMARK, len(group.lines))
                 continue
-            data = self.encoder.encode(group.lines)
-            try:
-                self.spool.write(variant, hour, group.first_time, data)
-            except OSError as exc:
-                # Pieces written to earlier files before the failure are in the spool: count them.
-                kept = data.count(b"\n", 0, getattr(exc, "written", 0))
-                c.written += kept
-                c.drop(WRITE_ERROR, len(group.lines) - kept)
-                self._warn.warning(
-                    "write", "spool write failed, %d record(s) dropped: %s", len(group.lines) - kept, exc
-                )
-                gate.write_failed(exc)
-                continue
-            c.written += len(group.lines)
-            gate.written(len(data))
+            self._write_group(variant, hour, group.first_time, encoder.encode(group.lines), len(group.lines))
+
+    def _write_group(self, variant: str, hour: int, first_time: float, data: bytes, n: int) -> None:
+        """One spool write of `n` encoded lines, counted."""
+        c = self.counters
+        try:
+            self.spool.write(variant, hour, first_time, data)
+        except OSError as exc:
+            # Pieces written to earlier files before the failure are in the spool: count them.
+            kept = data.count(b"\n", 0, getattr(exc, "written", 0))
+            c.written += kept
+            c.drop(WRITE_ERROR, n - kept)
+            self._warn.warning("write", "spool write failed, %d record(s) dropped: %s", n - kept, exc)
+            self.gate.write_failed(exc)
+            return
+        c.written += n
+        self.gate.written(len(data))
 
     def _variant_ok(self, name: str) -> bool:
         """Variant names become path components: SageMaker's pattern, remembered once seen.

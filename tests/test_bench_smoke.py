@@ -99,5 +99,13 @@ def test_stage_bench_runs_every_stage() -> None:
     assert proc.returncode == 0, proc.stderr + proc.stdout
     doc = json.loads(proc.stdout)
     names = [r["stage"] for r in doc["results"]]
-    assert names == ["client encode", "frame decode", "sampling 10 %", "encode", "spool write", "pipeline"]
+    assert names == [
+        "client encode",
+        "frame decode",
+        "sampling 10 %",
+        "encode",
+        "encode, by record",
+        "spool write",
+        "pipeline",
+    ]
     assert all(r["ns_per_record"] > 0 and r["baseline_ns_per_record"] > 0 for r in doc["results"])

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import uuid
 from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from captured.config import CaptureContentTypeHeader, CaptureOption, DataCaptureConfig
 from captured.encode import (
@@ -233,3 +236,133 @@ def test_the_bench_data_generator_encodes_and_reads_back() -> None:
     assert [d["captureData"]["endpointInput"]["data"].encode() for d in docs] == [q for q, _ in pairs]
     assert [d["captureData"]["endpointOutput"]["data"].encode() for d in docs] == [a for _, a in pairs]
     assert all(240 <= len(q) <= 250 and q.endswith(b"\n") for q, _ in pairs)
+
+
+# -- the column-by-column path for uniform batches ---------------------------------------------------
+
+_GENERATED_ID = re.compile(
+    rb'"eventId":"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"'
+)
+
+
+def _mask_ids(data: bytes) -> bytes:
+    return _GENERATED_ID.sub(b'"eventId":"*"', data)
+
+
+def assert_uniform_matches_records(enc: LineEncoder, records: list[Record]) -> bool:
+    """When `encode_uniform` takes the batch, its bytes are exactly those of the record-by-record
+    path (generated event ids aside); returns whether it took the batch."""
+    ok = lambda v: v == "Canary"  # noqa: E731
+    uniform = enc.encode_uniform(records, "AllTraffic", ok)
+    groups, invalid = enc.group_lines(records, "AllTraffic", ok)
+    if uniform is None:
+        return False
+    assert invalid == 0
+    ((key, group),) = groups.items()
+    assert (uniform.variant, uniform.hour) == key and uniform.first_time == group.first_time
+    assert _mask_ids(uniform.data) == _mask_ids(enc.encode(group.lines))
+    assert uniform.data.count(b"\n") == len(records)
+    return True
+
+
+_texts = st.text(st.characters(codec="utf-8"), max_size=60).map(str.encode)
+_printable = st.text(st.characters(categories=["L", "N", "P", "S", "Zs"]), min_size=1, max_size=64)
+# Mostly what model servers send (text bodies, listed content types, metadata that is valid or
+# absent), with the odd values the record path must handle in the mix.
+_field_values = {
+    "request": st.one_of(_texts, _texts, st.none(), st.binary(max_size=80)),
+    "response": st.one_of(_texts, _texts, st.none(), st.binary(max_size=80)),
+    "request_content_type": st.sampled_from(
+        ["text/csv", "text/csv", "application/json", "TEXT/CSV; x=1", None, "text/x-npy"]
+    ),
+    "response_content_type": st.sampled_from(
+        ["application/json", "application/json", "text/csv", None, "text/html", '\x00"\\']
+    ),
+    "inference_time": st.one_of(
+        st.floats(1621296000, 1621299599),
+        st.floats(1621296000, 1621303200),
+        st.sampled_from([float("nan"), -1.0, 3599.999, 3600.0]),
+    ),
+    "event_id": st.one_of(st.none(), st.none(), st.text(min_size=1, max_size=40)),
+    "inference_id": st.one_of(st.none(), _printable, st.text(min_size=1, max_size=64)),
+    "custom_attributes": st.one_of(
+        st.none(), st.text(st.characters(max_codepoint=127), max_size=40), st.text()
+    ),
+    "variant_name": st.sampled_from([None, None, "Canary", "Other"]),
+}
+
+
+@st.composite
+def nearly_uniform_batches(draw: st.DrawFn) -> list[Record]:
+    """A base record repeated with, now and then, one field drawn afresh: batches that are
+    uniform often, and otherwise differ from uniform in one field or a few."""
+    base = {name: draw(values) for name, values in _field_values.items()}
+    records = []
+    for _ in range(draw(st.integers(1, 12))):
+        fields = dict(base)
+        if draw(st.integers(0, 7)) == 0:
+            name = draw(st.sampled_from(sorted(_field_values)))
+            fields[name] = draw(_field_values[name])
+        records.append(Record(**fields))
+    return records
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    nearly_uniform_batches(),
+    st.sampled_from([("Input", "Output"), ("Input",), ("Output",)]),
+    st.sampled_from([True, True, True, False]),  # with a content type header, mostly
+)
+def test_uniform_path_writes_the_same_bytes_as_the_record_path(
+    records: list[Record], modes: tuple[str, ...], header: bool
+) -> None:
+    assert_uniform_matches_records(LineEncoder(dcc(modes=modes, header=header)), records)
+
+
+def test_uniform_path_takes_what_one_model_server_sends() -> None:
+    enc = LineEncoder(dcc())
+    t = 1621297742.5
+
+    def batch(**kw: Any) -> list[Record]:
+        return [
+            record(b"1,2\n", b'{"p": %d}' % i, "text/csv", "application/json", **{"t": t + i / 10, **kw})
+            for i in range(30)
+        ]
+
+    assert assert_uniform_matches_records(enc, batch())  # crosses seconds: a time per record
+    assert assert_uniform_matches_records(enc, batch(inference_id="id-1", custom_attributes="a=b"))
+    assert assert_uniform_matches_records(enc, batch(event_id="e", variant_name="Canary"))
+    assert assert_uniform_matches_records(enc, [record(b"\xff", None, "application/x-npy", None)])
+    assert assert_uniform_matches_records(enc, [record(None, None, None, None)])
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        record(b"1", b"2", "text/csv", "application/json", t=1621303200.0),  # the next hour
+        record(b"1", b"2", "text/csv", "application/json", t=float("nan")),
+        record(b"1", None, "text/csv", "application/json"),  # one side missing
+        record(b"1", b"2", "text/csv; charset=utf-8", "application/json"),  # another content type
+        record(b"\xff", b"2", "text/csv", "application/json"),  # not UTF-8: BASE64 for this one
+        record(b"1", b"2", "text/csv", "application/json", inference_id="x"),
+        record(b"1", b"2", "text/csv", "application/json", variant_name="Canary"),
+        record(b"1", b"2", "text/csv", "application/json", event_id="e"),
+    ],
+)
+def test_uniform_path_leaves_mixed_batches_to_the_record_path(odd: Record) -> None:
+    enc = LineEncoder(dcc())
+    records = [record(b"1", b"2", "text/csv", "application/json") for _ in range(5)] + [odd]
+    assert enc.encode_uniform(records, "AllTraffic", lambda v: True) is None
+    groups, invalid = enc.group_lines(records, "AllTraffic", lambda v: True)
+    assert sum(len(g.lines) for g in groups.values()) + invalid == 6
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"inference_id": " leading space"}, {"inference_id": "tab\there"}, {"custom_attributes": "café"}],
+)
+def test_uniform_path_refuses_bad_metadata_like_the_record_path(kw: dict[str, str]) -> None:
+    enc = LineEncoder(dcc())
+    records = [record(b"1", b"2", "text/csv", "text/csv", **kw) for _ in range(3)]
+    assert enc.encode_uniform(records, "AllTraffic", lambda v: True) is None
+    assert enc.group_lines(records, "AllTraffic", lambda v: True)[1] == 3
