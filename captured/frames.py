@@ -176,7 +176,9 @@ class FrameReader:
             buf += data
             if len(buf) < self._need:
                 return []
-            view = memoryview(bytes(buf))
+            # No copy: `buf` is never changed again (what is left of it goes to a new buffer
+            # below), so the payload views handed out stay valid.
+            view = memoryview(buf)
         else:
             view = memoryview(data)
         frames: list[tuple[int, memoryview]] = []
