@@ -18,6 +18,7 @@ JSON) unless it is not valid UTF-8; anything else, a missing content type, or no
 
 from __future__ import annotations
 
+import binascii
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -101,40 +102,30 @@ def format_time(epoch_s: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
 
 
-# Output layout of a UUID string: for each of its 36 characters, the hex digit (0..31) of the
-# random value it shows, or a constant: "-", the version "4", or "V" for the RFC 4122 variant
-# digit (8, 9, a or b, from the random digit at 16).
-_UUID_LAYOUT: list[int | str] = [
-    *range(0, 8),
-    "-",
-    *range(8, 12),
-    "-",
-    "4",
-    *range(13, 16),
-    "-",
-    "V",
-    *range(17, 20),
-    "-",
-    *range(20, 32),
-]
 _TO_VARIANT = bytes.maketrans(b"0123456789abcdef", b"89ab89ab89ab89ab")
+_ID_SLOT = 40
 
 
 def _event_id_block(n: int) -> bytearray:
-    """`n` random version-4 UUIDs as ASCII, each followed by `\\n` (37 bytes per id).
+    """`n` random version-4 UUIDs as `"xxxxxxxx-xxxx-4xxx-Vxxx-xxxxxxxxxxxx",`, `\\n` between.
 
-    Built column by column (one C-level slice assignment per character position) from one
-    `os.urandom` call: about ten times cheaper than `str(uuid.uuid4())` per id.
+    `hexlify(os.urandom(16 * n), b"-", 2)` already is 40 characters per id, random hex digits with
+    a dash every four, and its dashes at 9, 14, 19 and 24 are where a UUID's go. Nine C-level
+    strided slice operations then finish every id at once: three move a random digit from a
+    place that becomes a constant to a place where a dash is not wanted (4, 29, 34), six write
+    the constants (quotes, version, RFC 4122 variant digit, comma, newline). About ten times
+    cheaper than `str(uuid.uuid4())` per id.
     """
-    h = os.urandom(16 * n).hex().encode()
-    out = bytearray(b"\n" * (37 * n))
-    for j, src in enumerate(_UUID_LAYOUT):
-        if src == "V":
-            out[j::37] = h[16::32].translate(_TO_VARIANT)
-        elif isinstance(src, str):
-            out[j::37] = src.encode() * n
-        else:
-            out[j::37] = h[src::32]
+    out = bytearray(binascii.hexlify(os.urandom(16 * n), b"-", 2))  # 40 * n - 1 bytes
+    out[4::_ID_SLOT] = out[0::_ID_SLOT]
+    out[29::_ID_SLOT] = out[37::_ID_SLOT]
+    out[34::_ID_SLOT] = out[38::_ID_SLOT]
+    out[0::_ID_SLOT] = b'"' * n
+    out[15::_ID_SLOT] = b"4" * n
+    out[20::_ID_SLOT] = out[20::_ID_SLOT].translate(_TO_VARIANT)
+    out[37::_ID_SLOT] = b'"' * n
+    out[38::_ID_SLOT] = b"," * n
+    out[39::_ID_SLOT] = b"\n" * (n - 1)  # between ids: the last has no separator
     return out
 
 
@@ -142,14 +133,14 @@ def new_event_ids(n: int) -> list[str]:
     """`n` random version-4 UUID strings."""
     if n <= 0:
         return []
-    return _event_id_block(n)[:-1].decode().split("\n")
+    return _event_id_block(n)[1:-2].decode().split('",\n"')
 
 
-def new_event_id_bytes(n: int) -> list[bytes]:
-    """`n` random version-4 UUIDs as ASCII bytes (for `LineEncoder.encode_uniform`)."""
+def new_event_id_pieces(n: int) -> list[bytes]:
+    """`n` random version-4 UUIDs as `"<uuid>",`: JSON strings and the comma after them."""
     if n <= 0:
         return []
-    return bytes(_event_id_block(n)[:-1]).split(b"\n")
+    return bytes(_event_id_block(n)).split(b"\n")
 
 
 class _NotUniform(Exception):
@@ -413,21 +404,20 @@ class LineEncoder:
             columns.append(list(map(encode, values)))
             text = b',"encoding":"%s"}' % encoding.encode()
             comma = b","
-        text += b'},"eventMetadata":{"eventId":'
+        consts.append(text + b'},"eventMetadata":{"eventId":')
         if event_ids is None:
-            consts.append(text + b'"')
-            columns.append(new_event_id_bytes(n))
-            text = b'"'
+            columns.append(new_event_id_pieces(n))  # each with the comma after it
+            sep = b""
         else:
-            consts.append(text)
             columns.append(list(map(encode, event_ids)))
-            text = b""
+            sep = b","
+        text = b""
         for key, given in ((b"inferenceId", inference_ids), (b"customAttributes", attributes)):
             if given is not None:
-                consts.append(b'%s,"%s":' % (text, key))
+                consts.append(b'%s"%s":' % (sep, key))
                 columns.append(list(map(encode, given)))
-                text = b""
-        text += b',"inferenceTime":"'
+                sep = b","
+        text = sep + b'"inferenceTime":"'
         if first_second == last_second:
             text += self.time_string(first_second).encode()
         else:

@@ -22,6 +22,7 @@ from captured.encode import (
     choose_encoding,
     format_time,
     media_type,
+    new_event_id_pieces,
     new_event_ids,
 )
 from captured.frames import Record
@@ -366,3 +367,13 @@ def test_uniform_path_refuses_bad_metadata_like_the_record_path(kw: dict[str, st
     records = [record(b"1", b"2", "text/csv", "text/csv", **kw) for _ in range(3)]
     assert enc.encode_uniform(records, "AllTraffic", lambda v: True) is None
     assert enc.group_lines(records, "AllTraffic", lambda v: True)[1] == 3
+
+
+def test_event_id_pieces_are_quoted_uuid4_with_a_comma() -> None:
+    pieces = new_event_id_pieces(1000)
+    assert len(set(pieces)) == 1000
+    for p in pieces:
+        assert p[:1] == b'"' and p[-2:] == b'",'
+        u = uuid.UUID(p[1:-2].decode())
+        assert u.version == 4 and u.variant == uuid.RFC_4122 and str(u).encode() == p[1:-2]
+    assert new_event_id_pieces(0) == [] and len(new_event_id_pieces(1)) == 1
