@@ -28,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import time
@@ -41,6 +43,42 @@ log = logging.getLogger("captured.spool")
 
 PART = ".part"
 SEALED = ".jsonl"
+
+#: Disk space is reserved ahead of the writes to an open file: as much as the file holds, at
+#: least RESERVE_MIN and at most RESERVE_MAX bytes (and never past `max_file_bytes`) at a time,
+#: so a quiet file reserves little. The file's size does not change (FALLOC_FL_KEEP_SIZE); what
+#: is left past the last line is given back when the file is sealed. Reserving ahead spares the
+#: filesystem its per-page work of finding room for delayed writes: on ext4 the kernel's CPU for
+#: writing and flushing a spool file drops by 14-20 % (`bench/spool_write.py`).
+RESERVE_MIN = 1024 * 1024
+RESERVE_MAX = 16 * 1024 * 1024
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """fallocate(2) with its mode argument, which `os.posix_fallocate` lacks; None if absent."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fn = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _load_fallocate()
+
+
+def reserve(fd: int, offset: int, length: int) -> bool:
+    """Reserve `length` bytes of disk from `offset` without changing the file's size.
+
+    Best effort: False when the platform or the filesystem cannot (EOPNOTSUPP) or the disk is
+    full (ENOSPC, then the write itself reports it as it always has).
+    """
+    if _fallocate is None or length <= 0:
+        return False
+    return _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0
 
 
 def file_stem(endpoint: str, variant: str, hour: int, first_time: float, unique: str) -> str:
@@ -72,6 +110,8 @@ class OpenFile:
     opened_at: float  # monotonic
     size: int = 0
     synced: int = 0  # bytes known to be on the disk
+    reserved: int = 0  # disk reserved for this file (`reserve`), past `size` as a rule
+    reserving: bool = True  # False once reserving failed (unsupported, or the disk is full)
 
 
 class Syncer:
@@ -141,6 +181,7 @@ class Spool:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         syncer: Syncer | None = None,
+        reserve_ahead: bool = True,
     ) -> None:
         self.dir = spool_dir
         self.endpoint = endpoint
@@ -148,6 +189,7 @@ class Spool:
         self.max_bytes = cfg.max_file_bytes
         self.fsync_interval_s = cfg.fsync_interval_s
         self.syncer = syncer or Syncer()
+        self.reserve_ahead = reserve_ahead
         self._synced_at = monotonic()
         self._on_sealed = on_sealed
         self._clock = clock
@@ -189,6 +231,8 @@ class Spool:
                         # a single line larger than max_file_bytes: it gets a file of its own
                         cut = data.index(b"\n") + 1
                     chunk, data = data[:cut], data[cut:]
+                if f.reserving and f.size + len(chunk) > f.reserved:
+                    self._reserve(f, len(chunk))
                 try:
                     self._write_all(f, chunk)
                 except OSError:
@@ -232,7 +276,17 @@ class Spool:
         path = os.path.join(self.dir, stem + SEALED + PART)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
         f = self._open[(variant, hour)] = OpenFile(path, fd, hour, self._monotonic())
+        f.reserving = self.reserve_ahead
         return f
+
+    def _reserve(self, f: OpenFile, need: int) -> None:
+        """Reserve the next stretch of disk for `f`: at least `need` bytes past its end."""
+        step = min(max(f.size, RESERVE_MIN), RESERVE_MAX, self.max_bytes - f.reserved)
+        length = max(step, f.size + need - f.reserved)
+        if reserve(f.fd, f.reserved, length):
+            f.reserved += length
+        else:  # not supported here, or the disk is full: write without reserving
+            f.reserving = False
 
     def _write_all(self, f: OpenFile, chunk: bytes) -> None:
         view = memoryview(chunk)
@@ -280,6 +334,8 @@ class Spool:
 
         def work() -> None:
             try:
+                if f.reserved > f.size:  # give back the disk reserved past the last line
+                    os.ftruncate(f.fd, f.size)
                 if f.synced < f.size:
                     os.fdatasync(f.fd)
             finally:
@@ -339,6 +395,7 @@ def recover_part(path: str) -> int:
                 keep = start + nl + 1
                 break
             keep = start
-        if keep != size:
+        # Also when whole: a file with disk reserved past its end (`reserve`) gives it back.
+        if keep != size or os.fstat(fh.fileno()).st_blocks * 512 > keep + 65536:
             fh.truncate(keep)
         return keep

@@ -109,3 +109,32 @@ def test_stage_bench_runs_every_stage() -> None:
         "pipeline",
     ]
     assert all(r["ns_per_record"] > 0 and r["baseline_ns_per_record"] > 0 for r in doc["results"])
+
+
+def test_spool_write_bench_runs_both_modes(tmp_path: Path) -> None:
+    """`bench/spool_write.py --mib 8 --rounds 2 --json`: both modes write through the real Spool
+    and report; no timings are checked."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "spool_write.py"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--mib",
+            "8",
+            "--file-mib",
+            "2",
+            "--rounds",
+            "2",
+            "--dir",
+            str(tmp_path),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    doc = json.loads(proc.stdout)
+    assert [r["mode"] for r in doc["results"]] == ["reserve ahead", "no reservation"]
+    assert all(len(r["runs"]) == 2 for r in doc["results"])
+    assert list(tmp_path.iterdir()) == []  # it cleans up after itself

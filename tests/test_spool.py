@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from captured import spool as spool_module
 from captured.config import SpoolConfig
 from captured.spool import Spool, Syncer, ThreadSyncer, file_stem, object_key, recover_part
 
@@ -262,3 +263,54 @@ def test_a_failed_write_reports_the_whole_lines_already_in_the_spool(
     monkeypatch.undo()
     assert info.value.written == 1020  # type: ignore[attr-defined]
     assert [n for _, n in sealed] == [1020] and Path(sealed[0][0]).read_bytes() == data[:1020]
+
+
+def _allocated(path: str | Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_open_files_reserve_disk_ahead_and_give_it_back_when_sealed(tmp_path: Path) -> None:
+    """Disk is reserved in steps past the end of an open file (its size stays the bytes
+    written, so nothing reading it sees the reservation), and given back at the seal."""
+    if spool_module._fallocate is None:
+        pytest.skip("no fallocate(2) here")
+    clock = Clock(T0)
+    spool, sealed = make_spool(tmp_path, clock, max_file_bytes=64 * 1024 * 1024)
+    hour = int(T0) // 3600
+    data = lines(10_000, width=100)  # 1 MB
+    spool.write("AllTraffic", hour, T0, data)
+    (part,) = tmp_path.iterdir()
+    assert part.stat().st_size == len(data)
+    if _allocated(part) < spool_module.RESERVE_MIN:
+        pytest.skip("this filesystem does not reserve space with FALLOC_FL_KEEP_SIZE")
+    spool.seal_all()
+    ((path, size),) = sealed
+    assert size == len(data) and Path(path).read_bytes() == data
+    assert _allocated(path) < len(data) + 65536
+
+
+def test_recovery_gives_back_disk_reserved_past_the_last_line(tmp_path: Path) -> None:
+    part = tmp_path / "e.AllTraffic.2021-05-18-00.28-04-146-x.jsonl.part"
+    part.write_bytes(lines(100))
+    fd = os.open(part, os.O_WRONLY)
+    try:
+        if not spool_module.reserve(fd, 0, 8 * 1024 * 1024) or _allocated(part) < 8 * 1024 * 1024:
+            pytest.skip("this filesystem does not reserve space with FALLOC_FL_KEEP_SIZE")
+    finally:
+        os.close(fd)
+    assert recover_part(str(part)) == len(lines(100))
+    assert part.read_bytes() == lines(100) and _allocated(part) < 65536
+
+
+def test_writes_go_on_where_disk_cannot_be_reserved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without fallocate(2) (another platform, a filesystem that refuses it, a full disk) the
+    spool writes as before."""
+    monkeypatch.setattr(spool_module, "_fallocate", None)
+    assert not spool_module.reserve(0, 0, 4096)
+    clock = Clock(T0)
+    spool, sealed = make_spool(tmp_path, clock)
+    spool.write("AllTraffic", int(T0) // 3600, T0, lines(5))
+    spool.write("AllTraffic", int(T0) // 3600, T0, lines(5))
+    spool.seal_all()
+    ((path, size),) = sealed
+    assert Path(path).read_bytes() == lines(10) and size == len(lines(10))
