@@ -18,8 +18,10 @@ from captured.encode import (
     BASE64,
     CSV,
     JSON,
+    LONG_TEXT,
     LineEncoder,
     choose_encoding,
+    escape_text,
     format_time,
     media_type,
     new_event_id_pieces,
@@ -266,7 +268,13 @@ def assert_uniform_matches_records(enc: LineEncoder, records: list[Record]) -> b
     return True
 
 
-_texts = st.text(st.characters(codec="utf-8"), max_size=60).map(str.encode)
+_texts = st.one_of(
+    st.text(st.characters(codec="utf-8"), max_size=60),
+    # long enough for the other escaper (`LONG_TEXT`)
+    st.text(st.characters(codec="utf-8"), min_size=1, max_size=20).map(
+        lambda t: t * (LONG_TEXT // len(t) + 1)
+    ),
+).map(str.encode)
 _printable = st.text(st.characters(categories=["L", "N", "P", "S", "Zs"]), min_size=1, max_size=64)
 # Mostly what model servers send (text bodies, listed content types, metadata that is valid or
 # absent), with the odd values the record path must handle in the mix.
@@ -334,6 +342,10 @@ def test_uniform_path_takes_what_one_model_server_sends() -> None:
     assert assert_uniform_matches_records(enc, batch(inference_id="id-1", custom_attributes="a=b"))
     assert assert_uniform_matches_records(enc, batch(event_id="e", variant_name="Canary"))
     assert assert_uniform_matches_records(enc, [record(b"\xff", None, "application/x-npy", None)])
+    long_body = ('é,"1"\t\\\n' * LONG_TEXT).encode()
+    assert assert_uniform_matches_records(
+        enc, [record(long_body, long_body, "text/csv", "application/json")] * 3
+    )
     assert assert_uniform_matches_records(enc, [record(None, None, None, None)])
 
 
@@ -377,3 +389,14 @@ def test_event_id_pieces_are_quoted_uuid4_with_a_comma() -> None:
         u = uuid.UUID(p[1:-2].decode())
         assert u.version == 4 and u.variant == uuid.RFC_4122 and str(u).encode() == p[1:-2]
     assert new_event_id_pieces(0) == [] and len(new_event_id_pieces(1)) == 1
+
+
+def test_text_bodies_are_escaped_exactly_as_msgspec_escapes_them() -> None:
+    """The uniform path escapes text bodies with orjson, the record path with msgspec: the same
+    JSON string for every code point (surrogates cannot come from decoded UTF-8). Escaping is
+    per character, so one string holding every code point compares them all; the ones either
+    library escapes (controls, quote, backslash, DEL, the line separators) also one by one."""
+    every = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+    assert escape_text(every) == msgspec.json.encode(every)
+    for ch in [*map(chr, range(0x21)), '"', "\\", "\x7f", "\u2028", "\u2029", "\ufeff"]:
+        assert escape_text(ch) == msgspec.json.encode(ch)
