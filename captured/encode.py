@@ -424,7 +424,6 @@ class LineEncoder:
         else:
             columns.append(list(map(encode, event_ids)))
             sep = b","
-        text = b""
         for key, given in ((b"inferenceId", inference_ids), (b"customAttributes", attributes)):
             if given is not None:
                 consts.append(b'%s"%s":' % (sep, key))
