@@ -60,7 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--s3",
         action="store_true",
-        help="also run captured with S3 delivery to a local moto server (system captured-s3)",
+        help="also run captured with S3 delivery to a local S3-compatible server (system captured-s3)",
+    )
+    p.add_argument(
+        "--s3-server",
+        choices=["moto", "sink"],
+        default="moto",
+        help="with --s3: the local S3-compatible server: moto (default; faithful, and 2-3 CPU s per "
+        "GB it stores) or sink (bench/s3sink.py: objects in memory, aiohttp, CRC32 checked; the "
+        "stand-in for a remote S3 that costs the host little)",
     )
     p.add_argument(
         "--s3-server-priority",
@@ -391,6 +399,7 @@ def format_report(doc: dict[str, Any]) -> str:
         f"{p['payload']} B payloads, rotation every {p['max_file_age_s']:.0f} s, "
         f"median of {p['repeat']} run(s), page cache {'prewarmed' if p['prewarm'] else 'cold'}",
         *([f"server environment: {' '.join(p['server_env'])}"] if p["server_env"] else []),
+        *([f"S3 server: {p['s3_server']}"] if p.get("s3_server") else []),
         "",
     ]
     head = ("system", "records", "wall s", "records/s", "MB/s", "daemon CPU s", "CPU s / 1M records",
@@ -467,8 +476,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.s3:
             sys.path.insert(0, str(TESTS_DIR))
             from s3fixtures import MotoServer
+            from s3sink import SinkServer
 
-            moto = MotoServer(max_lifetime=args.timeout * args.repeat + 600).start()
+            server_class = SinkServer if args.s3_server == "sink" else MotoServer
+            moto = server_class(max_lifetime=args.timeout * args.repeat + 600).start()
             stack.callback(moto.stop)
             if args.s3_server_priority == "idle":
                 set_idle_priority(moto.proc.pid)
@@ -494,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
             "uploader_nice": args.uploader_nice,
             "spool_fsync": args.spool_fsync,
             "sender": args.sender,
+            "s3_server": args.s3_server if args.s3 else None,
         },
         "results": results,
         "ratios": ratios(results),

@@ -122,7 +122,7 @@ class MotoServer:
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCHER, self.host, str(self.max_lifetime)],
+            self.command(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -135,7 +135,9 @@ class MotoServer:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.proc.poll() is not None:
                 self.stop()
-                raise RuntimeError(f"moto server did not start (rc={self.proc.returncode}):\n{self.log()}")
+                raise RuntimeError(
+                    f"{type(self).__name__} did not start (rc={self.proc.returncode}):\n{self.log()}"
+                )
             ready, _, _ = select.select([self.proc.stdout], [], [], min(remaining, 0.5))
             if ready:
                 chunk = os.read(self.proc.stdout.fileno(), 64)
@@ -143,16 +145,23 @@ class MotoServer:
                     continue  # EOF: the poll() above reports the exit
                 line += chunk
         self.port = int(line)
-        while True:  # the socket listens already; wait until the WSGI app answers
+        while True:  # the socket listens already; wait until the app answers
             try:
-                if _http(self.host, self.port, "GET", "/moto-api/reset", timeout=2.0)[0] == 400:
+                if self.answers():
                     return self
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"moto server does not answer:\n{self.log()}")
+                raise RuntimeError(f"{type(self).__name__} does not answer:\n{self.log()}")
             time.sleep(0.05)
+
+    def command(self) -> list[str]:
+        """The child: it prints its port on stdout, then serves until its stdin closes."""
+        return [sys.executable, "-c", _LAUNCHER, self.host, str(self.max_lifetime)]
+
+    def answers(self) -> bool:
+        return _http(self.host, self.port, "GET", "/moto-api/reset", timeout=2.0)[0] == 400
 
     def stop(self, timeout: float = 10.0) -> None:
         proc = self.proc
