@@ -49,7 +49,7 @@ SEALED = ".jsonl"
 #: so a quiet file reserves little. The file's size does not change (FALLOC_FL_KEEP_SIZE); what
 #: is left past the last line is given back when the file is sealed. Reserving ahead spares the
 #: filesystem its per-page work of finding room for delayed writes: on ext4 the kernel's CPU for
-#: writing and flushing a spool file drops by 14-20 % (`bench/spool_write.py`).
+#: writing and flushing a spool file drops by 13-24 % (`bench/spool_write.py`).
 RESERVE_MIN = 1024 * 1024
 RESERVE_MAX = 16 * 1024 * 1024
 _FALLOC_FL_KEEP_SIZE = 1
