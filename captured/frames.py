@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import enum
 import struct
-import sys
 from typing import Annotated, Any
 
 import msgspec
@@ -139,6 +138,36 @@ def parse_header(buf: bytes | bytearray | memoryview, max_frame_bytes: int) -> t
     return kind, length
 
 
+def cut_frames(
+    view: memoryview, max_frame_bytes: int
+) -> tuple[list[tuple[int, memoryview]], int, int, ProtocolError | None]:
+    """The whole frames at the start of `view` as (kind, payload view), the offset after them,
+    the size the partial frame after them will have (HEADER_SIZE while its header is
+    incomplete), and the error of a bad header found after at least one whole frame.
+
+    A bad header before any whole frame raises `ProtocolError`. After whole frames it is
+    returned instead, so those frames still count before the connection is refused.
+    """
+    frames: list[tuple[int, memoryview]] = []
+    pos = 0
+    end = len(view)
+    need = HEADER_SIZE
+    while end - pos >= HEADER_SIZE:
+        try:
+            kind, length = parse_header(view[pos : pos + HEADER_SIZE], max_frame_bytes)
+        except ProtocolError as exc:
+            if not frames:
+                raise
+            return frames, pos, need, exc
+        stop = pos + HEADER_SIZE + length
+        if stop > end:
+            need = HEADER_SIZE + length
+            break
+        frames.append((kind, view[pos + HEADER_SIZE : stop]))
+        pos = stop
+    return frames, pos, need, None
+
+
 class FrameReader:
     """Incremental frame parser for a byte stream: feed bytes, get whole frames.
 
@@ -181,26 +210,8 @@ class FrameReader:
             view = memoryview(buf)
         else:
             view = memoryview(data)
-        frames: list[tuple[int, memoryview]] = []
-        pos = 0
+        frames, pos, need, self._error = cut_frames(view, self._max)
         end = len(view)
-        need = HEADER_SIZE
-        while end - pos >= HEADER_SIZE:
-            try:
-                kind, length = parse_header(view[pos : pos + HEADER_SIZE], self._max)
-            except ProtocolError:
-                if not frames:
-                    raise
-                # The frames before the bad header are whole and valid: hand them out first;
-                # the error is raised by the next call (`check` or `feed`).
-                self._error = sys.exc_info()[1]
-                return frames
-            stop = pos + HEADER_SIZE + length
-            if stop > end:
-                need = HEADER_SIZE + length
-                break
-            frames.append((kind, view[pos + HEADER_SIZE : stop]))
-            pos = stop
         if pos < end:
             self._buf = bytearray(view[pos:])
             self._need = need
@@ -208,3 +219,111 @@ class FrameReader:
             self._buf = bytearray()
             self._need = 0
         return frames
+
+
+#: What one read may bring: the size of the shared read buffer of `FrameBuffer`.
+READ_SIZE = 256 * 1024
+
+
+class FrameBuffer:
+    """The daemon's frame parser, for `asyncio.BufferedProtocol`: reads land where they are parsed.
+
+    With no frame under way, a read goes into `scratch`, a buffer all connections share (the
+    event loop reads one connection at a time, and its frames are processed before the next
+    read); the whole frames in it are parsed in place. Only the start of a frame still arriving
+    is copied, into this connection's own buffer, and the rest of that frame is read straight
+    after it. So most bytes are never copied before the msgpack decode (a `Protocol` gets every
+    read as a new `bytes`, and partial frames appended to a `bytearray`).
+
+    The own buffer grows with what has arrived (at most READ_SIZE past it, doubling), never to
+    a frame's announced size at once, so a header claiming 16 MiB costs nothing until the bytes
+    come. It is kept for the next frame while the client sends, and dropped by `release` (an
+    idle connection) or once a frame larger than 4 * READ_SIZE is done.
+    """
+
+    __slots__ = ("_error", "_held", "_into_own", "_max", "_need", "_own", "_scratch")
+
+    def __init__(self, max_frame_bytes: int, scratch: bytearray) -> None:
+        self._max = max_frame_bytes
+        self._scratch = scratch
+        self._own: bytearray | None = None
+        self._held = 0  # bytes of the frame under way, at the start of `_own`
+        self._need = HEADER_SIZE  # its size once its header is in; HEADER_SIZE until then
+        self._into_own = False
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Memory held for a frame that has not arrived whole: the own buffer's size (the bytes
+        arrived plus the room reserved for the next reads), 0 between frames."""
+        return len(self._own) if self._held and self._own is not None else 0
+
+    def check(self) -> None:
+        """Raise the `ProtocolError` found after the frames the last read gave, if any."""
+        if self._error is not None:
+            raise self._error
+
+    def release(self) -> None:
+        """Drop the own buffer if no frame is under way (an idle connection keeps nothing)."""
+        if self._held == 0:
+            self._own = None
+
+    def get_buffer(self) -> memoryview:
+        """Where the next read goes (`BufferedProtocol.get_buffer`)."""
+        if self._held == 0:
+            self._into_own = False
+            return memoryview(self._scratch)
+        self._into_own = True
+        own = self._reserve(self._need, self._held + 1)
+        return memoryview(own)[self._held : min(self._need, len(own))]
+
+    def buffer_updated(self, nbytes: int) -> list[tuple[int, memoryview]]:
+        """The whole frames the read of `nbytes` completed, as (kind, payload view).
+
+        The views stay valid until the next `get_buffer`. A bad header after whole frames is
+        raised by `check()`; before any, here.
+        """
+        self.check()
+        if not self._into_own:
+            return self._take(memoryview(self._scratch)[:nbytes])
+        self._held += nbytes
+        if self._held < self._need:
+            return []
+        own = self._own
+        assert own is not None
+        if self._need == HEADER_SIZE:  # the header is complete: now the frame's size is known
+            _, length = parse_header(own, self._max)
+            self._need = HEADER_SIZE + length
+            if self._held < self._need:
+                return []
+        # The frame is whole (reads into the own buffer stop at its end).
+        frames, _, _, _ = cut_frames(memoryview(own)[: self._held], self._max)
+        self._held = 0
+        self._need = HEADER_SIZE
+        if len(own) > 4 * READ_SIZE:
+            self._own = None  # the views keep it alive as long as they are used
+        return frames
+
+    def _take(self, view: memoryview) -> list[tuple[int, memoryview]]:
+        """Whole frames from a read into the scratch buffer; keep the start of the next one."""
+        frames, pos, need, self._error = cut_frames(view, self._max)
+        rest = len(view) - pos
+        if rest and self._error is None:
+            own = self._reserve(need, rest)
+            own[:rest] = view[pos:]
+            self._held = rest
+            self._need = need
+        return frames
+
+    def _reserve(self, need: int, at_least: int) -> bytearray:
+        """The own buffer, with room for at least `at_least` bytes. When it has to grow: to the
+        frame's size `need` or READ_SIZE past `at_least` (at least doubling), whichever is less."""
+        own = self._own
+        if own is not None and len(own) >= at_least:
+            return own
+        cap = min(need, max(at_least + READ_SIZE, 2 * len(own) if own is not None else 0))
+        new = bytearray(max(cap, at_least, HEADER_SIZE))
+        if own is not None and self._held:
+            new[: self._held] = own[: self._held]
+        self._own = new
+        return new

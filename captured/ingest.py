@@ -1,13 +1,15 @@
 """The Unix socket server: connections, frame parsing, and handing batches to the pipeline.
 
-Each connection is an `asyncio.Protocol`. Frames are processed synchronously in
-`data_received`, in order, so when a FLUSH frame is parsed every earlier BATCH of that connection
-has already been written to the spool (or dropped under a counted reason) and the ACK can go out
-at once. While the pipeline works, the loop does not read: the kernel's socket buffer and then
-the client's own bounded buffer absorb bursts (back-pressure, never unbounded growth here).
+Each connection is an `asyncio.BufferedProtocol` whose reads land in place (`frames.FrameBuffer`).
+Frames are processed synchronously in `buffer_updated`, in order, so when a FLUSH frame is parsed
+every earlier BATCH of that connection has already been written to the spool (or dropped under a
+counted reason) and the ACK can go out at once. While the pipeline works, the loop does not
+read: the kernel's socket buffer and then the client's own bounded buffer absorb bursts
+(back-pressure, never unbounded growth here).
 
-Memory per connection is bounded by one partial frame (`max_frame_bytes`) plus one read, and by
-`MAX_WRITE_BUFFER` of replies a client has not read; all connections together may hold at most
+Memory per connection is bounded by one partial frame (`max_frame_bytes`) plus one read, kept
+only while the client sends (a second of quiet gives it back), and by `MAX_WRITE_BUFFER` of
+replies a client has not read; all connections together may hold at most
 `buffer_budget_bytes` of unfinished frames (the connection that crosses it is closed,
 `memory_limit`). At most `max_connections` are served at once; at the cap, the connection idle
 the longest (for a second at least) makes room for a new one (`idle_evicted`), else the new one
@@ -62,10 +64,10 @@ class IngestStats:
         }
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     def __init__(self, server: IngestServer) -> None:
         self.server = server
-        self.reader = frames.FrameReader(server.max_frame_bytes)
+        self.reader = frames.FrameBuffer(server.max_frame_bytes, server.scratch)
         self.transport: asyncio.Transport | None = None
         self.records = 0
         self.last_data = time.monotonic()
@@ -92,14 +94,19 @@ class Connection(asyncio.Protocol):
         self.server.stats.connections -= 1
         self.server.buffered_total -= self.accounted
         self.accounted = 0
-        self.reader = frames.FrameReader(0)  # drop the partial frame now, not when collected
+        self.reader = frames.FrameBuffer(0, self.server.scratch)  # drop the partial frame now
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.refused:
+            return memoryview(self.server.scratch)  # refused: what it sends is read and ignored
+        return self.reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self.refused:
             return  # refused in connection_made: nothing it sends is read
         now = self.last_data = time.monotonic()
         try:
-            got = self.reader.feed(data)
+            got = self.reader.buffer_updated(nbytes)
             # A frame must arrive whole within frame_timeout_s of its first byte (`sweep`).
             if not self.reader.buffered:
                 self.frame_started = None
@@ -174,6 +181,8 @@ class IngestServer:
     ) -> None:
         self.pipeline = pipeline
         self.max_frame_bytes = max_frame_bytes
+        # Where every connection's reads land while it has no frame under way (`FrameBuffer`).
+        self.scratch = bytearray(frames.READ_SIZE)
         self.status = status
         self.max_connections = max_connections
         self.frame_timeout_s = frame_timeout_s
@@ -211,11 +220,15 @@ class IngestServer:
 
     def sweep(self) -> None:
         """Close connections whose current frame began more than `frame_timeout_s` ago (the
-        timer): a client that stalls mid-frame, or trickles a byte a second, holds a buffer."""
-        cutoff = time.monotonic() - self.frame_timeout_s
+        timer): a client that stalls mid-frame, or trickles a byte a second, holds a buffer.
+        Connections quiet for a second give their read buffer back."""
+        now = time.monotonic()
+        cutoff = now - self.frame_timeout_s
         for c in list(self.connections):
             if c.frame_started is not None and c.frame_started < cutoff:
                 c.fail("stalled_frame", f"a frame did not arrive whole within {self.frame_timeout_s:g} s")
+            elif now - c.last_data >= EVICT_IDLE_S:
+                c.reader.release()
 
     def stop_accepting(self) -> None:
         if self._server is not None:
