@@ -66,9 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--s3-server",
         choices=["moto", "sink"],
         default="moto",
-        help="with --s3: the local S3-compatible server: moto (default; faithful, and 2-3 CPU s per "
-        "GB it stores) or sink (bench/s3sink.py: objects in memory, aiohttp, CRC32 checked; the "
-        "stand-in for a remote S3 that costs the host little)",
+        help="with --s3: the local S3-compatible server: moto (default; faithful, about 8 CPU s per "
+        "GB it stores) or sink (bench/s3sink.py: objects in memory, aiohttp, CRC32 checked, about 3 "
+        "CPU s per GB)",
     )
     p.add_argument(
         "--s3-server-priority",

@@ -67,15 +67,16 @@ def _error(status: int, code: str, message: str) -> Any:
     return web.Response(status=status, body=body, content_type="application/xml")
 
 
-def _checksum_error(request: Any, body: bytes) -> Any:
-    """400 BadDigest when the request carries a CRC32 that `body` does not have."""
+async def _checked_body(request: Any) -> tuple[bytes, Any]:
+    """The request's body, and a 400 BadDigest reply if it carries a CRC32 the body does not have."""
+    body: bytes = await request.read()
     sent = request.headers.get("x-amz-checksum-crc32")
     if sent is None:
-        return None
+        return body, None
     mine = base64.b64encode((zlib.crc32(body) & 0xFFFFFFFF).to_bytes(4, "big")).decode()
     if sent != mine:
-        return _error(400, "BadDigest", f"CRC32 {sent} does not match the body's {mine}")
-    return None
+        return body, _error(400, "BadDigest", f"CRC32 {sent} does not match the body's {mine}")
+    return body, None
 
 
 def make_app(store: Store) -> Any:
@@ -141,8 +142,7 @@ def make_app(store: Store) -> Any:
                 return _error(404, "NoSuchUpload", q["uploadId"])
             parts = upload[2]
             if request.method == "PUT":
-                data = await request.read()
-                bad = _checksum_error(request, data)
+                data, bad = await _checked_body(request)
                 if bad is not None:
                     return bad
                 etag = f'"{zlib.crc32(data):08x}{len(parts):04x}"'
@@ -163,8 +163,7 @@ def make_app(store: Store) -> Any:
             body = f"<Bucket>{name}</Bucket><Key>{escape(key)}</Key><ETag>{escape(etag)}</ETag>"
             return _xml("CompleteMultipartUploadResult", body)
         if request.method == "PUT":
-            data = await request.read()
-            bad = _checksum_error(request, data)
+            data, bad = await _checked_body(request)
             if bad is not None:
                 return bad
             etag = f'"{zlib.crc32(data):08x}"'
