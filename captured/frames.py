@@ -223,6 +223,8 @@ class FrameReader:
 
 #: What one read may bring: the size of the shared read buffer of `FrameBuffer`.
 READ_SIZE = 256 * 1024
+#: Own buffers of finished frames kept for the next frame of any connection (`FrameBuffer`).
+SPARE_BUFFERS = 8
 
 
 class FrameBuffer:
@@ -231,23 +233,29 @@ class FrameBuffer:
     With no frame under way, a read goes into `scratch`, a buffer all connections share (the
     event loop reads one connection at a time, and its frames are processed before the next
     read); the whole frames in it are parsed in place. The part of a frame still arriving is
-    copied once, into this connection's own buffer, and the rest of that frame is read straight
-    after it. So a byte is copied at most once before the msgpack decode; with a `Protocol`
-    every read became a new `bytes` and a frame spanning reads was appended to a `bytearray`
-    as well. (A client's 256 KiB frames usually span reads: the kernel queues about 200 KiB of a
-    Unix stream at a time.)
+    copied once, into an own buffer of this connection, and the rest of that frame is read
+    straight after it. So a byte is copied at most once before the msgpack decode; with a
+    `Protocol` every read became a new `bytes` and a frame spanning reads was appended to a
+    `bytearray` as well. (A client's 256 KiB frames usually span reads: the kernel queues about
+    200 KiB of a Unix stream at a time.)
 
     The own buffer grows with what has arrived (at most READ_SIZE past it, doubling), never to
     a frame's announced size at once, so a header claiming 16 MiB costs nothing until the bytes
-    come. It is kept for the next frame while the client sends, and dropped by `release` (an
-    idle connection) or once a frame larger than 4 * READ_SIZE is done.
+    come; its size is what `buffered` reports for the memory budget. When the frame is done it
+    goes to `spare`, a list all connections share (at most SPARE_BUFFERS, none over
+    4 * READ_SIZE), so the next partial frame of any connection reuses it instead of allocating:
+    between frames a connection holds nothing.
+
+    The views handed out stay valid until the next `get_buffer` of any connection sharing
+    `scratch` and `spare`: the daemon processes them before it reads again.
     """
 
-    __slots__ = ("_error", "_held", "_into_own", "_max", "_need", "_own", "_scratch")
+    __slots__ = ("_error", "_held", "_into_own", "_max", "_need", "_own", "_scratch", "_spare")
 
-    def __init__(self, max_frame_bytes: int, scratch: bytearray) -> None:
+    def __init__(self, max_frame_bytes: int, scratch: bytearray, spare: list[bytearray]) -> None:
         self._max = max_frame_bytes
         self._scratch = scratch
+        self._spare = spare
         self._own: bytearray | None = None
         self._held = 0  # bytes of the frame under way, at the start of `_own`
         self._need = HEADER_SIZE  # its size once its header is in; HEADER_SIZE until then
@@ -258,17 +266,12 @@ class FrameBuffer:
     def buffered(self) -> int:
         """Memory held for a frame that has not arrived whole: the own buffer's size (the bytes
         arrived plus the room reserved for the next reads), 0 between frames."""
-        return len(self._own) if self._held and self._own is not None else 0
+        return len(self._own) if self._own is not None else 0
 
     def check(self) -> None:
         """Raise the `ProtocolError` found after the frames the last read gave, if any."""
         if self._error is not None:
             raise self._error
-
-    def release(self) -> None:
-        """Drop the own buffer if no frame is under way (an idle connection keeps nothing)."""
-        if self._held == 0:
-            self._own = None
 
     def get_buffer(self) -> memoryview:
         """Where the next read goes (`BufferedProtocol.get_buffer`)."""
@@ -282,8 +285,7 @@ class FrameBuffer:
     def buffer_updated(self, nbytes: int) -> list[tuple[int, memoryview]]:
         """The whole frames the read of `nbytes` completed, as (kind, payload view).
 
-        The views stay valid until the next `get_buffer`. A bad header after whole frames is
-        raised by `check()`; before any, here.
+        A bad header after whole frames is raised by `check()`; before any, here.
         """
         self.check()
         if not self._into_own:
@@ -302,8 +304,9 @@ class FrameBuffer:
         frames, _, _, _ = cut_frames(memoryview(own)[: self._held], self._max)
         self._held = 0
         self._need = HEADER_SIZE
-        if len(own) > 4 * READ_SIZE:
-            self._own = None  # the views keep it alive as long as they are used
+        self._own = None
+        if len(own) <= 4 * READ_SIZE and len(self._spare) < SPARE_BUFFERS:
+            self._spare.append(own)
         return frames
 
     def _take(self, view: memoryview) -> list[tuple[int, memoryview]]:
@@ -319,12 +322,15 @@ class FrameBuffer:
 
     def _reserve(self, need: int, at_least: int) -> bytearray:
         """The own buffer, with room for at least `at_least` bytes. When it has to grow: to the
-        frame's size `need` or READ_SIZE past `at_least` (at least doubling), whichever is less."""
+        frame's size `need` or READ_SIZE past `at_least` (at least doubling), whichever is less;
+        a spare buffer of that size serves if there is one."""
         own = self._own
+        if own is None and self._spare:
+            own = self._own = self._spare.pop()
         if own is not None and len(own) >= at_least:
             return own
-        cap = min(need, max(at_least + READ_SIZE, 2 * len(own) if own is not None else 0))
-        new = bytearray(max(cap, at_least, HEADER_SIZE))
+        cap = max(min(need, max(at_least + READ_SIZE, 2 * len(own) if own is not None else 0)), at_least)
+        new = bytearray(max(cap, HEADER_SIZE))
         if own is not None and self._held:
             new[: self._held] = own[: self._held]
         self._own = new

@@ -7,14 +7,13 @@ counted reason) and the ACK can go out at once. While the pipeline works, the lo
 read: the kernel's socket buffer and then the client's own bounded buffer absorb bursts
 (back-pressure, never unbounded growth here).
 
-Memory per connection is bounded by one partial frame (`max_frame_bytes`) plus one read, kept
-only while the client sends (a second of quiet gives it back), and by `MAX_WRITE_BUFFER` of
-replies a client has not read; all connections together may hold at most
-`buffer_budget_bytes` of unfinished frames (the connection that crosses it is closed,
-`memory_limit`). At most `max_connections` are served at once; at the cap, the connection idle
-the longest (for a second at least) makes room for a new one (`idle_evicted`), else the new one
-is refused (`too_many_connections`). A connection whose frame does not arrive whole within
-`frame_timeout_s` of its first byte is closed (`stalled_frame`).
+Memory per connection is bounded by one partial frame (`max_frame_bytes`) plus one read, held
+only while a frame is under way, and by `MAX_WRITE_BUFFER` of replies a client has not read;
+all connections together may hold at most `buffer_budget_bytes` of unfinished frames (the
+connection that crosses it is closed, `memory_limit`). At most `max_connections` are served at
+once; at the cap, the connection idle the longest (for a second at least) makes room for a new
+one (`idle_evicted`), else the new one is refused (`too_many_connections`). A connection whose
+frame does not arrive whole within `frame_timeout_s` of its first byte is closed (`stalled_frame`).
 
 Access: the socket file's mode and group decide who may connect; when allow-lists are set, each
 new connection's peer credentials (SO_PEERCRED: uid, primary gid, and the supplementary groups
@@ -67,7 +66,7 @@ class IngestStats:
 class Connection(asyncio.BufferedProtocol):
     def __init__(self, server: IngestServer) -> None:
         self.server = server
-        self.reader = frames.FrameBuffer(server.max_frame_bytes, server.scratch)
+        self.reader = frames.FrameBuffer(server.max_frame_bytes, server.scratch, server.spare)
         self.transport: asyncio.Transport | None = None
         self.records = 0
         self.last_data = time.monotonic()
@@ -94,7 +93,7 @@ class Connection(asyncio.BufferedProtocol):
         self.server.stats.connections -= 1
         self.server.buffered_total -= self.accounted
         self.accounted = 0
-        self.reader = frames.FrameBuffer(0, self.server.scratch)  # drop the partial frame now
+        self.reader = frames.FrameBuffer(0, self.server.scratch, [])  # drop the partial frame now
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.refused:
@@ -181,8 +180,10 @@ class IngestServer:
     ) -> None:
         self.pipeline = pipeline
         self.max_frame_bytes = max_frame_bytes
-        # Where every connection's reads land while it has no frame under way (`FrameBuffer`).
+        # Where every connection's reads land while it has no frame under way, and the buffers
+        # of finished frames kept for the next partial one (`frames.FrameBuffer`).
         self.scratch = bytearray(frames.READ_SIZE)
+        self.spare: list[bytearray] = []
         self.status = status
         self.max_connections = max_connections
         self.frame_timeout_s = frame_timeout_s
@@ -220,15 +221,11 @@ class IngestServer:
 
     def sweep(self) -> None:
         """Close connections whose current frame began more than `frame_timeout_s` ago (the
-        timer): a client that stalls mid-frame, or trickles a byte a second, holds a buffer.
-        Connections quiet for a second give their read buffer back."""
-        now = time.monotonic()
-        cutoff = now - self.frame_timeout_s
+        timer): a client that stalls mid-frame, or trickles a byte a second, holds a buffer."""
+        cutoff = time.monotonic() - self.frame_timeout_s
         for c in list(self.connections):
             if c.frame_started is not None and c.frame_started < cutoff:
                 c.fail("stalled_frame", f"a frame did not arrive whole within {self.frame_timeout_s:g} s")
-            elif now - c.last_data >= EVICT_IDLE_S:
-                c.reader.release()
 
     def stop_accepting(self) -> None:
         if self._server is not None:

@@ -116,7 +116,7 @@ def test_frame_buffer_gives_back_every_frame_whatever_the_reads(
     comes out whole, in order, and nothing is held at the end."""
     payloads = [bytes([k % 251]) * size for k, size in enumerate(sizes)]
     stream = b"".join(frames.frame(frames.Kind.BATCH, p) for p in payloads)
-    buf = frames.FrameBuffer(1 << 20, bytearray(scratch_size))
+    buf = frames.FrameBuffer(1 << 20, bytearray(scratch_size), [])
     assert _read_through(buf, stream, cuts) == [(frames.Kind.BATCH, p) for p in payloads]
     assert buf.buffered == 0
 
@@ -124,24 +124,23 @@ def test_frame_buffer_gives_back_every_frame_whatever_the_reads(
 def test_frame_buffer_reads_a_large_frame_in_place_and_lets_it_go() -> None:
     big = bytes(range(256)) * (5 * frames.READ_SIZE // 256)  # larger than 4 * READ_SIZE
     stream = frames.frame(frames.Kind.BATCH, big) + frames.frame(frames.Kind.FLUSH, b"\x91\x07")
-    buf = frames.FrameBuffer(16 << 20, bytearray(frames.READ_SIZE))
+    spare: list[bytearray] = []
+    buf = frames.FrameBuffer(16 << 20, bytearray(frames.READ_SIZE), spare)
     got = _read_through(buf, stream, [65536])
     assert got == [(frames.Kind.BATCH, big), (frames.Kind.FLUSH, b"\x91\x07")]
-    assert buf._own is None or len(buf._own) <= 4 * frames.READ_SIZE  # the big one was not kept
+    assert buf.buffered == 0 and all(len(b) <= 4 * frames.READ_SIZE for b in spare)  # not kept
 
 
 def test_frame_buffer_grows_with_what_arrives_not_with_what_a_header_announces() -> None:
     """A header announcing 16 MiB followed by a trickle holds the trickle, not 16 MiB."""
-    buf = frames.FrameBuffer(16 << 20, bytearray(frames.READ_SIZE))
+    buf = frames.FrameBuffer(16 << 20, bytearray(frames.READ_SIZE), [])
     head = frames.HEADER.pack(frames.MAGIC, frames.PROTOCOL_VERSION, frames.Kind.BATCH, 16 << 20)
     assert _read_through(buf, head + b"x" * 1000, [1]) == []
     assert frames.HEADER_SIZE + 1000 <= buf.buffered <= 2 * frames.READ_SIZE  # what it costs, counted
-    buf.release()  # a frame is under way: kept
-    assert buf.buffered >= frames.HEADER_SIZE + 1000
 
 
 def test_frame_buffer_hands_out_whole_frames_before_a_bad_header() -> None:
-    buf = frames.FrameBuffer(1 << 20, bytearray(4096))
+    buf = frames.FrameBuffer(1 << 20, bytearray(4096), [])
     good = frames.frame(frames.Kind.FLUSH, b"\x91\x01")
     target = buf.get_buffer()
     data = good + b"XX" + bytes(6)
@@ -149,18 +148,23 @@ def test_frame_buffer_hands_out_whole_frames_before_a_bad_header() -> None:
     assert [(k, bytes(p)) for k, p in buf.buffer_updated(len(data))] == [(frames.Kind.FLUSH, b"\x91\x01")]
     with pytest.raises(frames.ProtocolError):
         buf.check()
-    fresh = frames.FrameBuffer(1 << 20, bytearray(4096))
+    fresh = frames.FrameBuffer(1 << 20, bytearray(4096), [])
     fresh.get_buffer()[:8] = b"XX" + bytes(6)
     with pytest.raises(frames.ProtocolError):
         fresh.buffer_updated(8)
 
 
-def test_an_idle_frame_buffer_keeps_nothing() -> None:
-    buf = frames.FrameBuffer(1 << 20, bytearray(64))
+def test_between_frames_a_connection_holds_nothing_and_buffers_are_reused() -> None:
+    """A finished frame's buffer goes to the spare list all connections share; the next partial
+    frame, of any connection, takes it instead of allocating."""
+    scratch: bytearray = bytearray(64)
+    spare: list[bytearray] = []
+    first = frames.FrameBuffer(1 << 20, scratch, spare)
+    second = frames.FrameBuffer(1 << 20, scratch, spare)
     payload = b"p" * 500
-    assert _read_through(buf, frames.frame(frames.Kind.BATCH, payload), [64]) == [
-        (frames.Kind.BATCH, payload)
-    ]
-    assert buf._own is not None  # kept for the client's next frame
-    buf.release()
-    assert buf._own is None and buf.buffered == 0
+    stream = frames.frame(frames.Kind.BATCH, payload)
+    assert _read_through(first, stream, [64]) == [(frames.Kind.BATCH, payload)]
+    assert first.buffered == 0 and len(spare) == 1
+    kept = spare[0]
+    assert _read_through(second, stream, [64]) == [(frames.Kind.BATCH, payload)]
+    assert spare == [kept] and spare[0] is kept  # taken, used, given back
