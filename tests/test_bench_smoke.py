@@ -13,23 +13,31 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "ingest.py"
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+BENCH = BENCH_DIR / "ingest.py"
 RECORDS = 2000
+
+
+def run_bench(script: str, *args: str, timeout: float = 100) -> dict[str, Any]:
+    """Run `bench/<script> <args> --json`; it must exit 0; its JSON document."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_DIR / script), *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    doc: dict[str, Any] = json.loads(proc.stdout)
+    return doc
 
 
 @pytest.mark.timeout(180)
 def test_ingest_bench_runs_and_verifies_every_system() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "-n", str(RECORDS), "--senders", "1", "--s3", "--json", "--no-prewarm"],
-        capture_output=True,
-        text=True,
-        timeout=150,
-    )
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    doc = json.loads(proc.stdout)
+    doc = run_bench("ingest.py", "-n", str(RECORDS), "--senders", "1", "--s3", "--no-prewarm", timeout=150)
     assert set(doc["results"]) == {"captured", "captured-s3", "naive"}
     for result in doc["results"].values():
         assert result["ok"], result
@@ -46,15 +54,7 @@ def test_client_overhead_bench_runs_all_scenarios() -> None:
     stalled (SIGSTOP/SIGCONT), and must exit 0 with 2000 timed calls in each scenario. No timings
     are checked.
     """
-    script = Path(__file__).resolve().parent.parent / "bench" / "client_overhead.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), "-n", str(RECORDS), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    doc = json.loads(proc.stdout)
+    doc = run_bench("client_overhead.py", "-n", str(RECORDS))
     for name in ("healthy", "absent", "stalled"):
         result = doc["results"][name]
         assert result["calls"] == RECORDS, name
@@ -68,15 +68,7 @@ def test_upload_bench_runs_and_verifies_both_systems() -> None:
     with captured's uploader and with boto3's upload_file, and must exit 0 with every object found
     (count and size) for both. No timings are checked.
     """
-    script = Path(__file__).resolve().parent.parent / "bench" / "upload.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), "--files", "2", "--size-mb", "6", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    doc = json.loads(proc.stdout)
+    doc = run_bench("upload.py", "--files", "2", "--size-mb", "6")
     assert set(doc["results"]) == {"captured", "boto3"}
     for result in doc["results"].values():
         assert result["ok"], result
@@ -89,15 +81,7 @@ def test_upload_bench_runs_and_verifies_both_systems() -> None:
 def test_stage_bench_runs_every_stage() -> None:
     """`bench/stages.py --records 200 --repeat 2 --json`: every stage and its baseline run on the
     seeded batch (the stages assert their own outputs' shapes). No timings are checked."""
-    script = Path(__file__).resolve().parent.parent / "bench" / "stages.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), "--records", "200", "--repeat", "2", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    doc = json.loads(proc.stdout)
+    doc = run_bench("stages.py", "--records", "200", "--repeat", "2")
     names = [r["stage"] for r in doc["results"]]
     assert names == [
         "client encode",
@@ -114,27 +98,9 @@ def test_stage_bench_runs_every_stage() -> None:
 def test_spool_write_bench_runs_both_modes(tmp_path: Path) -> None:
     """`bench/spool_write.py --mib 8 --rounds 2 --json`: both modes write through the real Spool
     and report; no timings are checked."""
-    script = Path(__file__).resolve().parent.parent / "bench" / "spool_write.py"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "--mib",
-            "8",
-            "--file-mib",
-            "2",
-            "--rounds",
-            "2",
-            "--dir",
-            str(tmp_path),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=100,
+    doc = run_bench(
+        "spool_write.py", "--mib", "8", "--file-mib", "2", "--rounds", "2", "--dir", str(tmp_path)
     )
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    doc = json.loads(proc.stdout)
     assert [r["mode"] for r in doc["results"]] == ["reserve ahead", "no reservation"]
     assert all(len(r["runs"]) == 2 for r in doc["results"])
     assert list(tmp_path.iterdir()) == []  # it cleans up after itself
@@ -145,14 +111,7 @@ def test_ingest_bench_with_the_s3_sink() -> None:
     """`bench/ingest.py --s3 --s3-server sink`: captured delivers to bench/s3sink.py, and every line
     is found again in that server's bucket."""
     args = ["-n", str(RECORDS), "--senders", "1", "--only", "captured", "--s3", "--s3-server", "sink"]
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), *args, "--json", "--no-prewarm"],
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    doc = json.loads(proc.stdout)
+    doc = run_bench("ingest.py", *args, "--no-prewarm")
     assert doc["params"]["s3_server"] == "sink"
     result = doc["results"]["captured-s3"]
     assert result["ok"] and result["lines_verified"] == RECORDS, result
@@ -161,7 +120,7 @@ def test_ingest_bench_with_the_s3_sink() -> None:
 def test_s3_sink_answers_what_the_uploader_and_the_bench_ask() -> None:
     """The sink's S3 subset through boto3: buckets, objects with a CRC32 checked, multipart uploads
     completed and aborted, listings, reads, reset."""
-    sys.path.insert(0, str(BENCH.parent))
+    sys.path.insert(0, str(BENCH_DIR))
     try:
         from s3sink import SinkServer
     finally:
