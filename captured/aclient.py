@@ -2,26 +2,21 @@
 
 `capture()` is a plain method: it validates (`record.prepare_record`), appends one tuple to a
 bounded buffer and returns; it never awaits and never raises because of the daemon. One
-background task, started lazily on first use inside a running loop, does all the I/O:
+background task, started lazily on first use inside a running loop, does all the I/O: it
+encodes the buffer once a batch is full or `linger_s` after its first record (at most about
+512 KiB per pass, yielding to the application's other tasks between passes), writes the frames,
+reads acknowledgements and reconnects with capped backoff.
 
-* it takes the whole buffer at once, encodes it with `record.batch_frames` and writes the frames
-  one at a time. The transport's high-water mark is 0, so `pause_writing` fires whenever a frame
-  did not go to the kernel at once, and `resume_writing` fires exactly when it has. A frame is
-  "written" only then; a frame still (partly) buffered when the connection breaks goes out again
-  whole on the next connection (the daemon discards a truncated frame, so this never duplicates);
-* nothing new is taken while frames are unwritten, so the task never holds more than one
-  buffer's worth of encoded frames: a stalled daemon makes records wait, then drop
-  (`buffer_full`), in the caller's bounded buffer;
-* the protocol's `data_received` parses ACK and ERROR frames (`frames.FrameReader`);
-* it reconnects with capped exponential backoff (0.05 s doubling up to `reconnect_max_s`), and
-  waits `reconnect_max_s` after the daemon refused the connection with an ERROR.
+The bookkeeping is the I/O-free `clientcore.ClientCore`, shared with the thread client, so both
+make the same promises: records stay buffered until the daemon acknowledges them and are sent
+again after a reconnect (protocol 2: nothing accepted is lost or written twice across a
+restart or a crash of the daemon), and `flush()` is True only when every record accepted
+before it is in the spool or was dropped under a counted reason.
 
-`flush()` is True once the daemon ACKed a FLUSH sent after everything captured before the call.
-When a connection breaks with records written on it but not acknowledged, every flush still
-waiting (written, queued or not yet taken) answers False: those records may be lost.
-
-Delivery guarantee: at most once, as for `CaptureClient`. Use it from the loop's thread only;
-the task lives with its loop, and when that loop ends the client is closed.
+The transport's high-water mark is 0, so `pause_writing` fires whenever a frame did not go to
+the kernel at once, and `resume_writing` exactly when it has: a frame counts as written only
+then. Use the client from its loop's thread only; the task lives with its loop, and when that
+loop ends the client is closed.
 """
 
 from __future__ import annotations
@@ -30,58 +25,49 @@ import asyncio
 import contextlib
 import datetime as _dt
 import logging
-from collections import deque
-from typing import Any, NamedTuple, cast
+import time
+from typing import Any, cast
 
 import msgspec
 
 from . import frames
+from .clientcore import ClientCore, Waiter
 from .config import SIX_MIB
 from .record import (
-    BUFFER_FULL,
-    CLOSED,
     DEFAULT_BATCH_BYTES,
     DEFAULT_BUFFER_BYTES,
+    DEFAULT_LINGER_S,
     DEFAULT_SOCKET_PATH,
-    REJECTED,
     Body,
-    RecordTuple,
-    batch_frames,
-    buffer_takes,
     prepare_record,
 )
 
 log = logging.getLogger("captured.aclient")
 
 _CONNECT_TIMEOUT_S = 1.0
-_STOP_TIMEOUT_S = 1.0  # how long close() lets the task write what it still holds
+_STOP_TIMEOUT_S = 1.0  # how long close() lets the task wait for what is unacknowledged
 _MAX_LOGGED = 64  # distinct causes remembered for log-once: bounded even if messages vary
+#: Encoded per pass of the task: one pass holds the event loop.
+TAKE_BYTES = 512 * 1024
 
 
-class _Flush(NamedTuple):
-    seq: int
-    future: asyncio.Future[bool]  # resolved once; a caller that timed out no longer awaits it
-
-    def resolve(self, ok: bool) -> None:
-        if not self.future.done():
-            self.future.set_result(ok)
+def _resolve(w: Waiter) -> None:
+    fut: asyncio.Future[None] = w.signal
+    if not fut.done():
+        fut.set_result(None)
 
 
 class _Conn(asyncio.Protocol):
-    """One connection: flow-control state, ACK/ERROR parsing, per-connection record counts."""
+    """One connection: flow-control state and the frames the daemon sends."""
 
     def __init__(self, client: AsyncCaptureClient) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
         self.reader = frames.FrameReader()
         self.paused = False
-        self.inflight = False  # outq[0] was handed to the transport and is not written yet
         self.lost = False
         self.refused = False  # the daemon sent ERROR: reconnect slowly
         self.drained = asyncio.Event()  # set by resume_writing and connection_lost
-        self.records = 0  # records completely written on this connection
-        self.acked = 0  # records the daemon said it took from this connection
-        self.awaiting: deque[_Flush] = deque()  # FLUSH frames written, ACK not yet seen
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -92,21 +78,20 @@ class _Conn(asyncio.Protocol):
         self.paused = True
 
     def resume_writing(self) -> None:
-        # Synchronous bookkeeping: an ACK for this frame can only be read after this point.
         self.paused = False
-        if self.inflight:
-            self.inflight = False
-            self.client._written(self)
         self.drained.set()
 
     def data_received(self, data: bytes) -> None:
+        core = self.client._core
         try:
             for kind, payload in self.reader.feed(data):
-                if kind == frames.Kind.ACK:
-                    self.client._on_ack(self, frames.ack_decoder.decode(payload))
-                elif kind == frames.Kind.ERROR:
-                    self.client._on_error(self, bytes(payload).decode("utf-8", "replace"))
+                acknowledged = core.counters.acknowledged
+                error = core.on_frame(kind, payload)
+                if error is not None:
+                    self.client._on_error(self, error)
                     return
+                if core.counters.acknowledged > acknowledged:
+                    self.client._logged.clear()  # healthy again: report the next failure
         except (frames.ProtocolError, msgspec.DecodeError) as exc:
             log.warning("captured client: %s", exc)
             self.abort()
@@ -137,32 +122,35 @@ class AsyncCaptureClient:
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         max_body_bytes: int = SIX_MIB,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
+        linger_s: float = DEFAULT_LINGER_S,
         reconnect_max_s: float = 2.0,
     ) -> None:
         if max_body_bytes * 2 + 65536 > frames.DEFAULT_MAX_FRAME_BYTES:
             raise ValueError("max_body_bytes is too large for the daemon's maximum frame size")
+        if not 0.0 <= linger_s <= 10.0:
+            raise ValueError("linger_s must be 0..10 seconds")
         self.socket_path = socket_path
-        self._buffer_bytes = buffer_bytes
         self._max_body = max_body_bytes
-        self._batch_bytes = batch_bytes
         self._reconnect_max_s = reconnect_max_s
-        self._pending: list[RecordTuple] = []
-        self._sizes: list[int] = []
-        self._pending_bytes = 0
-        self._flushes: list[_Flush] = []
-        self._next_seq = 0
-        self._captured = self._sent = self._acknowledged = 0
-        self._dropped: dict[str, int] = {}
-        self._closed = False
-        # Task state; the events are made with the task, inside the loop that runs it.
+        self._core = ClientCore(
+            buffer_bytes=buffer_bytes,
+            batch_bytes=batch_bytes,
+            linger_s=linger_s,
+            on_done=_resolve,
+            clock=time.monotonic,
+        )
+        self._closing = False
+        # Task state; the event is made with the task, inside the loop that runs it.
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
-        self._stopping: asyncio.Event | None = None
-        self._outq: deque[tuple[bytes, int, _Flush | None]] = deque()  # (frame, records, flush)
+        self._armed = False  # the task looks at the buffer by itself: capture() need not wake it
+        self._full_woken = False
+        self._armed_until = 0.0
         self._conn: _Conn | None = None
         self._backoff = 0.05
         self._next_connect = 0.0
         self._logged: set[str] = set()  # causes already logged: one line each
+        self._fallback_logged = False
 
     # ---- caller side -------------------------------------------------------------------
 
@@ -192,21 +180,17 @@ class AsyncCaptureClient:
             inference_time,
             self._max_body,
         )
-        self._captured += 1
-        if self._closed:
-            self._drop(CLOSED, 1)
+        core = self._core
+        if not core.admit(rec, size):
             return False
-        if not buffer_takes(self._pending_bytes, size, self._buffer_bytes, empty=not self._pending):
-            self._drop(BUFFER_FULL, 1)
-            return False
-        was_empty = not self._pending
-        self._pending.append(rec)
-        self._sizes.append(size)
-        self._pending_bytes += size
         if self._task is None:
             self._ensure_started()
-        elif was_empty and self._wake is not None:
-            self._wake.set()  # the task takes the whole buffer: one wake-up per refill
+        elif not self._armed:
+            self._armed = True
+            self._poke()
+        elif not self._full_woken and core.batch_full():
+            self._full_woken = True
+            self._poke()
         return True
 
     async def start(self) -> None:
@@ -214,41 +198,35 @@ class AsyncCaptureClient:
         self._ensure_started()
 
     async def flush(self, timeout: float = 5.0) -> bool:
-        """True once the daemon confirmed it processed every record captured before this call."""
+        """True once every record `capture()` accepted before this call is in the daemon's spool
+        or was dropped under a counted reason, and none of them was dropped by this client
+        while it waited; False on timeout."""
         self._ensure_started()
-        if self._closed:
-            return False  # nothing can be confirmed any more
-        self._next_seq += 1
-        f = _Flush(self._next_seq, asyncio.get_running_loop().create_future())
-        self._flushes.append(f)
-        if self._wake is not None:
-            self._wake.set()
-        await asyncio.wait((f.future,), timeout=timeout)  # never cancels the future on timeout
-        return f.future.done() and f.future.result()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        w = self._core.add_waiter(fut)
+        if w.done:
+            return w.ok
+        self._poke()
+        await asyncio.wait((fut,), timeout=timeout)  # never cancels the future on timeout
+        return fut.done() and w.ok
 
     def stats(self) -> dict[str, Any]:
-        return {
-            "captured": self._captured,
-            "sent": self._sent,
-            "acknowledged": self._acknowledged,
-            "buffered": len(self._pending),
-            "dropped": dict(self._dropped),
-        }
+        """As `CaptureClient.stats()`: captured = acknowledged + buffered + sum(dropped)."""
+        return self._core.stats()
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Flush for up to `timeout` seconds, then stop; what is still unsent is counted `closed`."""
-        if not self._closed:
+        """Flush for up to `timeout` seconds, then stop; what is still buffered is counted `closed`."""
+        if not self._closing:
             await self.flush(timeout)
-            self._closed = True
+            self._closing = True
+            self._core.closed = True
         task = self._task
         if task is None or task.done():
-            self._finish()  # never started: nothing else will count the buffer as dropped
+            self._finish()  # never started: nothing else counts the buffer as dropped
             return
-        assert self._wake is not None and self._stopping is not None
-        self._wake.set()
-        self._stopping.set()
+        self._poke()
         await asyncio.wait((task,), timeout=_STOP_TIMEOUT_S)
-        if not task.done():  # stalled on a daemon that does not read: give up what is left
+        if not task.done():  # stalled on a daemon that does not answer: give up what is left
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -260,23 +238,24 @@ class AsyncCaptureClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
     def _log_once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._logged and len(self._logged) < _MAX_LOGGED:
             self._logged.add(key)
             log.warning(msg, *args)
 
-    def _drop(self, reason: str, n: int) -> None:
-        if n:
-            self._dropped[reason] = self._dropped.get(reason, 0) + n
-
     def _ensure_started(self) -> None:
-        if self._task is not None or self._closed:
+        if self._task is not None or self._closing:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # captured outside a loop: the buffer waits for the first use inside one
-        self._wake, self._stopping = asyncio.Event(), asyncio.Event()
+        self._wake = asyncio.Event()
+        self._armed = True
         self._task = loop.create_task(self._run(), name="captured-client")
 
     # ---- background task ---------------------------------------------------------------
@@ -287,56 +266,84 @@ class AsyncCaptureClient:
         except Exception:  # never let the task die silently
             log.exception("captured client task failed")
         finally:
-            self._closed = True
+            self._closing = True
             self._finish()
 
     async def _send_loop(self) -> None:
         assert self._wake is not None
+        core = self._core
+        give_up_at: float | None = None
         while True:
-            self._take()
-            if not self._outq:
-                if self._closed:
+            now = time.monotonic()
+            if self._closing:
+                if core.resolved() >= core.next_seq:
                     return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
+                if give_up_at is None:
+                    give_up_at = now + _STOP_TIMEOUT_S
+                elif now >= give_up_at:
+                    return
             conn = self._conn
             if conn is None or conn.lost:
-                if self._closed:
+                if self._closing:
                     return  # closing and not connected: give up what is left
                 conn = self._conn = await self._connect()
-                if conn is None:
-                    continue
-            await self._write_one(conn)
+                continue
+            if core.due(now):
+                core.add_frames(core.encode(core.take(TAKE_BYTES)))
+                self._full_woken = False
+                self._armed_until = now + core.linger_s
+                await asyncio.sleep(0)  # one pass at a time: the application's tasks run between
+                continue
+            data = core.next_write()
+            if data is not None:
+                await self._write(conn, data)
+                continue
+            if not core.pending and now >= self._armed_until and not self._closing:
+                self._armed = False  # idle: the next capture() wakes the task
+            timeouts = []
+            deadline = core.deadline()
+            if deadline is not None:
+                timeouts.append(deadline - now)
+            if self._armed and not core.pending:
+                timeouts.append(self._armed_until - now)
+            if self._closing:
+                timeouts.append(0.05)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, min(timeouts)) if timeouts else None)
 
-    def _take(self) -> None:
-        """Move the caller's buffer into encoded frames, but only once earlier frames are written."""
-        if self._outq:
+    async def _write(self, conn: _Conn, data: bytes) -> None:
+        """Hand one frame to the transport; wait until the kernel has all of it or the link broke."""
+        transport = conn.transport
+        assert transport is not None
+        conn.drained.clear()
+        if transport.is_closing():
+            await conn.drained.wait()  # connection_lost follows closing
             return
-        records, sizes, flushes = self._pending, self._sizes, self._flushes
-        if records or flushes:
-            self._pending, self._sizes, self._flushes, self._pending_bytes = [], [], [], 0
-        if records:
-            for data, n in batch_frames(records, sizes, self._batch_bytes):
-                self._outq.append((data, n, None))
-        for f in flushes:
-            self._outq.append((frames.encode_frame(frames.Kind.FLUSH, (f.seq,)), 0, f))
+        transport.write(data)
+        if not conn.paused and not transport.is_closing():
+            self._core.written(data)
+            return
+        await conn.drained.wait()  # resume_writing, or connection_lost
+        if not conn.lost:
+            self._core.written(data)
 
     async def _connect(self) -> _Conn | None:
         loop = asyncio.get_running_loop()
-        assert self._stopping is not None
-        delay = self._next_connect - loop.time()
+        assert self._wake is not None
+        delay = self._next_connect - time.monotonic()
         if delay > 0:
-            with contextlib.suppress(TimeoutError):  # close() cuts the wait short
-                await asyncio.wait_for(self._stopping.wait(), delay)
-            if self._closed:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):  # close() and flush() cut the wait short
+                await asyncio.wait_for(self._wake.wait(), delay)
+            if time.monotonic() < self._next_connect:
                 return None
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_unix_connection(lambda: _Conn(self), self.socket_path), _CONNECT_TIMEOUT_S
             )
         except (OSError, TimeoutError) as exc:
-            self._next_connect = loop.time() + self._backoff
+            self._next_connect = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, self._reconnect_max_s)
             self._log_once(
                 f"connect:{exc!r}", "cannot reach the capture daemon at %s: %r", self.socket_path, exc
@@ -345,72 +352,32 @@ class AsyncCaptureClient:
         self._backoff = 0.05
         # Connect failures are logged again after a success; a daemon's refusal only once ever.
         self._logged = {k for k in self._logged if not k.startswith("connect:")}
+        self._core.connection_made()
         return conn
 
-    async def _write_one(self, conn: _Conn) -> None:
-        """Hand outq[0] to the transport; wait until the kernel has all of it or the link broke."""
-        transport = conn.transport
-        assert transport is not None
-        conn.drained.clear()
-        if not transport.is_closing():
-            transport.write(self._outq[0][0])
-            # Closing now means the write failed: the frame stays first for the next connection.
-            if not transport.is_closing():
-                if not conn.paused:
-                    self._written(conn)
-                    return
-                conn.inflight = True
-        await conn.drained.wait()  # resume_writing, or connection_lost (which always follows closing)
-        if conn.inflight and conn.refused:
-            # The daemon refused the frame it was reading (by its header, say): resending it
-            # would be refused again forever. Lost otherwise: resent whole on the next connection.
-            self._drop(REJECTED, self._outq.popleft()[1])
-        conn.inflight = False
-
-    def _written(self, conn: _Conn) -> None:
-        _, n, flush = self._outq.popleft()
-        conn.records += n
-        self._sent += n
-        if flush is not None:
-            conn.awaiting.append(flush)
-
-    def _on_ack(self, conn: _Conn, ack: frames.Ack) -> None:
-        self._acknowledged += ack.records - conn.acked
-        conn.acked = ack.records
-        while conn.awaiting and conn.awaiting[0].seq <= ack.seq:
-            conn.awaiting.popleft().resolve(True)
-
     def _on_error(self, conn: _Conn, message: str) -> None:
-        self._log_once(f"error:{message}", "the capture daemon refused the connection: %s", message)
-        conn.refused = True
+        if self._core.refused(message):
+            if not self._fallback_logged:
+                self._fallback_logged = True
+                log.warning(
+                    "the capture daemon at %s speaks protocol version 1 only: capturing at most once "
+                    "(records in flight when it restarts can be lost; upgrade it for lossless restarts)",
+                    self.socket_path,
+                )
+        else:
+            self._log_once(f"error:{message}", "the capture daemon refused the connection: %s", message)
+            conn.refused = True
         conn.abort()
 
     def _on_lost(self, conn: _Conn) -> None:
-        loop = asyncio.get_running_loop()
         delay = self._reconnect_max_s if conn.refused else self._backoff
-        self._next_connect = loop.time() + delay
-        if conn.records > conn.acked:
-            # Records written on this connection may be lost with it: no flush waiting now can
-            # be confirmed (every one of them was asked for after those records).
-            self._resolve_all(conn, False)
-        else:
-            # Everything written here was taken by the daemon, so were the records before them.
-            for f in conn.awaiting:
-                f.resolve(True)
-        conn.awaiting.clear()
-
-    def _resolve_all(self, conn: _Conn | None, ok: bool) -> None:
-        """Answer every flush still waiting: written, encoded or not yet taken."""
-        waiting = [e[2] for e in self._outq if e[2] is not None] + self._flushes
-        for f in [*(conn.awaiting if conn is not None else ()), *waiting]:
-            f.resolve(ok)
+        self._next_connect = time.monotonic() + delay
+        self._core.connection_lost()
+        self._poke()
 
     def _finish(self) -> None:
-        """After the task: close the link, count what was not sent, answer waiting flushes."""
+        """After the task: close the link, count what was not delivered, answer waiting flushes."""
         conn, self._conn = self._conn, None
         if conn is not None and not conn.lost:
             conn.abort()
-        self._resolve_all(conn, False)
-        self._drop(CLOSED, sum(n for _, n, _ in self._outq) + len(self._pending))
-        self._outq.clear()
-        self._pending, self._sizes, self._flushes, self._pending_bytes = [], [], [], 0
+        self._core.close()

@@ -142,7 +142,7 @@ def _format_status(doc: dict[str, Any]) -> str:
         f"destination         {doc['DestinationS3Uri']}"
         + (f" (SSE-KMS {doc['KmsKeyId']})" if doc.get("KmsKeyId") else ""),
         f"records             received {c['received']}, written {c['written']}, "
-        f"dropped: {pairs(c['dropped'])}",
+        f"dropped: {pairs(c['dropped'])}; resent (skipped) {c.get('resent', 0)}",
         f"files               open {doc['spool']['open_files']}, sealed {doc['spool']['files_sealed']}, "
         f"delivered {d.get('files_delivered', 0)}, waiting {d.get('files_waiting', 0)} "
         f"({d.get('bytes_waiting', 0)} bytes, oldest {d.get('oldest_waiting_s', 0):.0f}s)",

@@ -2,16 +2,19 @@
 because of the daemon.
 
 `capture()` validates its arguments (programming errors raise `TypeError` / `ValueError`),
-appends one tuple to a bounded in-memory buffer (default 8 MiB of bodies) and returns. A
-background I/O thread takes the whole buffer at once, encodes it into BATCH frames (see
-`captured.frames`), writes them to the daemon's socket, reads ACKs, and reconnects with capped
-backoff. When the buffer is full the record is dropped and counted (`buffer_full`); nothing
-ever waits on the daemon in the caller's thread.
+appends one tuple to a bounded in-memory buffer (default 8 MiB) and returns. A background I/O
+thread sends the buffer in BATCH frames (see `captured.frames`) once a batch is full or
+`linger_s` after its first record (so a model server calling `capture()` once per request
+costs no wake-up per call), reads acknowledgements and reconnects with capped backoff. When the
+buffer is full the record is dropped and counted (`buffer_full`); nothing ever waits on the
+daemon in the caller's thread.
 
-Delivery guarantee: at most once. A frame whose write was interrupted by a broken connection is
-sent again whole on the next connection (the daemon discards a truncated frame, so this never
-duplicates). A frame fully written to a daemon that then dies unread is lost; `flush()` is how a
-caller learns that everything so far was processed.
+All the bookkeeping (admission, sequence numbers, acknowledgements, resend, counters) is the
+I/O-free `clientcore.ClientCore`, shared with `AsyncCaptureClient`; this module only moves
+bytes. Delivery guarantee (protocol 2): nothing `capture()` accepted is lost or written twice
+across a restart or a crash of the daemon while this process lives and the buffer did not
+overflow: records stay in the buffer until the daemon acknowledges them and are sent again
+after a reconnect. With a daemon that speaks only protocol 1: at most once (see `clientcore`).
 """
 
 from __future__ import annotations
@@ -27,24 +30,19 @@ import socket
 import threading
 import time
 import weakref
-from collections import deque
 from typing import Any
 
 import msgspec
 
 from . import frames
+from .clientcore import ClientCore, Waiter
 from .config import SIX_MIB
 from .record import (
-    BUFFER_FULL,
-    CLOSED,
     DEFAULT_BATCH_BYTES,
     DEFAULT_BUFFER_BYTES,
+    DEFAULT_LINGER_S,
     DEFAULT_SOCKET_PATH,
-    REJECTED,
     Body,
-    RecordTuple,
-    batch_frames,
-    buffer_takes,
     prepare_record,
 )
 
@@ -54,17 +52,12 @@ log = logging.getLogger("captured.client")
 #: The I/O thread encodes at most about this much per pass (one pass holds the GIL).
 TAKE_BYTES = 512 * 1024
 
-#: After close(): how long the I/O thread still tries to write what is left.
+#: After close(): how long the I/O thread still waits for what is unacknowledged.
 CLOSE_GRACE_S = 0.5
 
 
-class _Flush:
-    __slots__ = ("done", "ok", "seq")
-
-    def __init__(self, seq: int) -> None:
-        self.seq = seq
-        self.done = threading.Event()
-        self.ok = False
+def _signal(w: Waiter) -> None:
+    w.signal.set()
 
 
 class CaptureClient:
@@ -83,14 +76,18 @@ class CaptureClient:
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         max_body_bytes: int = SIX_MIB,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
+        linger_s: float = DEFAULT_LINGER_S,
         reconnect_max_s: float = 2.0,
     ) -> None:
         if max_body_bytes * 2 + 65536 > frames.DEFAULT_MAX_FRAME_BYTES:
             raise ValueError("max_body_bytes is too large for the daemon's maximum frame size")
+        if not 0.0 <= linger_s <= 10.0:
+            raise ValueError("linger_s must be 0..10 seconds")
         self.socket_path = socket_path
         self._buffer_bytes = buffer_bytes
         self._max_body = max_body_bytes
         self._batch_bytes = batch_bytes
+        self._linger_s = linger_s
         self._reconnect_max_s = reconnect_max_s
         self._start()
         _live_clients.add(self)
@@ -98,17 +95,18 @@ class CaptureClient:
     def _start(self) -> None:
         """(Re)create all per-process state: also run in a child after `fork()`."""
         self._lock = threading.Lock()
-        self._pending: list[RecordTuple] = []
-        self._sizes: list[int] = []
-        self._pending_bytes = 0
-        self._flushes: list[_Flush] = []
-        self._next_seq = 0
-        self._captured = 0
-        self._sent = 0
-        self._acknowledged = 0
-        self._dropped: dict[str, int] = {}
-        self._closed = False
-        self._wake_armed = False
+        self._core = ClientCore(
+            buffer_bytes=self._buffer_bytes,
+            batch_bytes=self._batch_bytes,
+            linger_s=self._linger_s,
+            on_done=_signal,
+            clock=time.monotonic,
+        )
+        # True while the I/O thread will look at the buffer by itself (it is awake, or sleeps
+        # with a timer): capture() then writes no wake-up byte.
+        self._armed = False
+        self._full_woken = False  # a full batch already woke the I/O thread
+        self._closing = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._io: _IOLoop | None = None
         self._thread = threading.Thread(target=self._io_loop, name="captured-client", daemon=True)
@@ -143,53 +141,45 @@ class CaptureClient:
             self._max_body,
         )
         with self._lock:
-            self._captured += 1
-            if self._closed:
-                self._drop(CLOSED, 1)
+            core = self._core
+            if not core.admit(rec, size):
                 return False
-            if not buffer_takes(self._pending_bytes, size, self._buffer_bytes, empty=not self._pending):
-                self._drop(BUFFER_FULL, 1)
-                return False
-            self._pending.append(rec)
-            self._sizes.append(size)
-            self._pending_bytes += size
-            if self._wake_armed:
-                return True
-            self._wake_armed = True
+            if self._armed:
+                if self._full_woken or not core.batch_full():
+                    return True
+                self._full_woken = True
+            self._armed = True
         self._wake()
         return True
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """True once the daemon confirmed it processed every record captured before this call."""
+        """True once every record `capture()` accepted before this call is in the daemon's spool
+        or was dropped under a counted reason, and none of them was dropped by this client
+        while it waited; False on timeout."""
+        done = threading.Event()
         with self._lock:
-            if self._closed:
-                return False
-            self._next_seq += 1
-            f = _Flush(self._next_seq)
-            self._flushes.append(f)
-            self._wake_armed = True
+            w = self._core.add_waiter(done)
+        if w.done:
+            return w.ok
         self._wake()
-        return f.done.wait(timeout) and f.ok
+        return done.wait(timeout) and w.ok
 
     def stats(self) -> dict[str, Any]:
+        """{"captured", "sent", "acknowledged", "buffered", "dropped": {reason: n}, "resent",
+        "protocol"}: captured = acknowledged + buffered + sum(dropped)."""
         with self._lock:
-            return {
-                "captured": self._captured,
-                "sent": self._sent,
-                "acknowledged": self._acknowledged,
-                "buffered": len(self._pending),
-                "dropped": dict(self._dropped),
-            }
+            return self._core.stats()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Flush for up to `timeout` seconds, then stop; what is still unsent is counted `closed`."""
-        if self._closed:
+        """Flush for up to `timeout` seconds, then stop; what is still buffered is counted `closed`."""
+        if self._closing:
             return
         self.flush(timeout)
         with self._lock:
-            self._closed = True
+            self._closing = True
+            self._core.closed = True
         self._wake()
-        self._thread.join(timeout=1.0)
+        self._thread.join(timeout=CLOSE_GRACE_S + 1.0)
         _live_clients.discard(self)
 
     def __enter__(self) -> CaptureClient:
@@ -202,9 +192,6 @@ class CaptureClient:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
 
-    def _drop(self, reason: str, n: int) -> None:
-        self._dropped[reason] = self._dropped.get(reason, 0) + n
-
     # ---- I/O thread --------------------------------------------------------------------
 
     def _io_loop(self) -> None:
@@ -215,69 +202,74 @@ class CaptureClient:
             log.exception("captured client I/O thread failed")
         finally:
             with self._lock:
-                self._closed = True
-                if self._pending:
-                    self._drop(CLOSED, len(self._pending))
-                    self._pending, self._sizes, self._pending_bytes = [], [], 0
-                for f in self._flushes:
-                    f.done.set()
-                self._flushes = []
+                self._closing = True
+                self._core.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
 
 
-def _chunk_length(sizes: list[int], limit: int) -> int:
-    """How many leading records fit in `limit` bytes (at least one)."""
-    acc = 0
-    for i, size in enumerate(sizes):
-        acc += size
-        if acc > limit:
-            return max(i, 1)
-    return len(sizes)
-
-
 class _IOLoop:
-    """The client's background I/O: one socket, one select loop, no locks held across I/O."""
+    """The client's background I/O: one socket, one poll loop; the core under the client's lock."""
 
     def __init__(self, client: CaptureClient) -> None:
         self.c = client
+        self.core = client._core
         self.sock: socket.socket | None = None
         self.reader = frames.FrameReader()
-        # Frames not yet completely written: (frame bytes, records in it, flush or None).
-        self.outq: deque[tuple[bytes, int, _Flush | None]] = deque()
-        self.offset = 0  # bytes of outq[0] already written on this connection
-        self.awaiting: deque[_Flush] = deque()  # FLUSH frames written, ACK not yet seen
-        self.conn_records = 0  # records fully written on this connection
-        self.conn_acked = 0  # records the daemon acknowledged on this connection
+        self.current: bytes | None = None  # the frame being written
+        self.offset = 0  # bytes of `current` already written on this connection
         self.backoff = 0.05
         self.next_connect = 0.0
+        self.armed_until = 0.0  # after sending, stay armed one linger more: no wake-up per batch
         self.errors_logged: set[str] = set()
+        self.fallback_logged = False
 
     def run(self) -> None:
-        c = self.c
+        c, core = self.c, self.core
         give_up_at: float | None = None
         while True:
-            closing = self._take()
-            if closing and not self.outq and not self.awaiting:
-                break
-            if self.sock is None and time.monotonic() >= self.next_connect:
+            now = time.monotonic()
+            batch = None
+            with c._lock:
+                closing = c._closing
+                if closing and core.resolved() >= core.next_seq:
+                    break  # everything acknowledged or counted
+                if self.sock is not None and core.due(now):
+                    batch = core.take(TAKE_BYTES)
+                    c._full_woken = False
+                    self.armed_until = now + core.linger_s
+                elif not core.pending and now >= self.armed_until and not closing:
+                    c._armed = False  # idle: the next capture() wakes this thread
+                deadline = core.deadline() if core.write_at >= len(core.held) else None
+                armed = c._armed
+            if batch is not None:
+                out = core.encode(batch)  # outside the lock: capture() goes on meanwhile
+                with c._lock:
+                    core.add_frames(out)
+                continue
+            if self.sock is None and now >= self.next_connect:
                 self._connect()
             rlist: list[int] = [c._wake_r]
             wlist: list[int] = []
-            timeout: float | None = None
+            timeouts: list[float] = []
             if self.sock is not None:
                 rlist.append(self.sock.fileno())
-                if self.outq:
+                if self.current is not None or self._next_write() is not None:
                     wlist.append(self.sock.fileno())
+                if deadline is not None:
+                    timeouts.append(deadline - now)
             else:
-                timeout = max(0.0, self.next_connect - time.monotonic())
+                timeouts.append(self.next_connect - now)
+            if armed and not core.pending:
+                timeouts.append(self.armed_until - now)
             if closing:
-                # close() already waited for its flush; allow one last short attempt, no more.
+                # close() already waited for its flush; allow one last short wait, no more.
                 if give_up_at is None:
-                    give_up_at = time.monotonic() + CLOSE_GRACE_S
-                if self.sock is None or time.monotonic() >= give_up_at:
+                    give_up_at = now + CLOSE_GRACE_S
+                if now >= give_up_at:
                     break
-                timeout = 0.05 if timeout is None else min(timeout, 0.05)
+                timeouts.append(0.05)
+            timeout = max(0.0, min(timeouts)) if timeouts else None
             r, w = _wait(rlist, wlist, timeout)
             if c._wake_r in r:
                 with contextlib.suppress(BlockingIOError):
@@ -287,43 +279,10 @@ class _IOLoop:
             if self.sock is not None and self.sock.fileno() in w:
                 self._write()
         self._disconnect(None)
-        unsent = sum(n for _, n, _ in self.outq)
-        if unsent:
-            with c._lock:
-                c._drop(CLOSED, unsent)
 
-    def _take(self) -> bool:
-        """Move the caller's buffer into encoded frames; return True when closing.
-
-        Takes nothing while earlier frames are still unwritten: records then wait in the
-        caller's bounded buffer (and are dropped there when it is full), so a stalled daemon
-        never makes this thread hold more than one buffer's worth of encoded frames.
-        """
-        c = self.c
-        with c._lock:
-            closing = c._closed
-            if self.outq:
-                return closing  # leave _wake_armed set: no wake-ups until there is room
-            records, sizes, flushes = c._pending, c._sizes, c._flushes
-            n = _chunk_length(sizes, TAKE_BYTES)
-            if n < len(records):
-                # Take a chunk only: encoding holds the GIL, and a whole 8 MiB buffer at once
-                # kept callers of capture() waiting for milliseconds (bench/client_overhead.py).
-                # The FLUSHes wait for the records captured before them.
-                taken = sum(sizes[:n])
-                records, sizes, flushes = records[:n], sizes[:n], []
-                del c._pending[:n], c._sizes[:n]
-                c._pending_bytes -= taken
-            else:
-                c._wake_armed = False
-                if records or flushes:
-                    c._pending, c._sizes, c._flushes, c._pending_bytes = [], [], [], 0
-        if records:
-            for data, n in batch_frames(records, sizes, c._batch_bytes):
-                self.outq.append((data, n, None))
-        for f in flushes:
-            self.outq.append((frames.encode_frame(frames.Kind.FLUSH, (f.seq,)), 0, f))
-        return closing
+    def _next_write(self) -> bytes | None:
+        with self.c._lock:
+            return self.core.next_write()
 
     def _connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -341,14 +300,19 @@ class _IOLoop:
         sock.setblocking(False)
         self.sock = sock
         self.reader = frames.FrameReader()
-        self.offset = 0
-        self.conn_records = self.conn_acked = 0
+        self.current, self.offset = None, 0
         self.backoff = 0.05
+        with self.c._lock:
+            self.core.connection_made()
 
     def _write(self) -> None:
         assert self.sock is not None
-        while self.outq:
-            data, n, flush = self.outq[0]
+        while True:
+            data = self.current
+            if data is None:
+                data = self.current = self._next_write()
+                if data is None:
+                    return
             try:
                 sent = self.sock.send(memoryview(data)[self.offset :])
             except BlockingIOError:
@@ -359,14 +323,9 @@ class _IOLoop:
             self.offset += sent
             if self.offset < len(data):
                 return
-            self.outq.popleft()
-            self.offset = 0
-            self.conn_records += n
-            if n:
-                with self.c._lock:
-                    self.c._sent += n
-            if flush is not None:
-                self.awaiting.append(flush)
+            self.current, self.offset = None, 0
+            with self.c._lock:
+                self.core.written(data)
 
     def _read(self) -> None:
         assert self.sock is not None
@@ -382,36 +341,35 @@ class _IOLoop:
             return
         try:
             for kind, payload in self.reader.feed(data):
-                if kind == frames.Kind.ACK:
-                    self._on_ack(frames.ack_decoder.decode(payload))
-                elif kind == frames.Kind.ERROR:
-                    self._on_error(bytes(payload).decode("utf-8", "replace"))
+                with self.c._lock:
+                    acknowledged = self.core.counters.acknowledged
+                    error = self.core.on_frame(kind, payload)
+                    progress = self.core.counters.acknowledged > acknowledged
+                if error is not None:
+                    self._on_error(error)
                     return
+                if progress:
+                    self.errors_logged.clear()  # a healthy exchange: report the next failure again
             self.reader.check()
         except (frames.ProtocolError, msgspec.DecodeError) as exc:
             self._disconnect(exc)
 
-    def _on_ack(self, ack: frames.Ack) -> None:
-        self.errors_logged.clear()  # a healthy exchange: report the next failure again
-        with self.c._lock:
-            self.c._acknowledged += ack.records - self.conn_acked
-        self.conn_acked = ack.records
-        while self.awaiting and self.awaiting[0].seq <= ack.seq:
-            f = self.awaiting.popleft()
-            f.ok = True
-            f.done.set()
-
     def _on_error(self, message: str) -> None:
-        """The daemon refused this connection; a frame it cut short is dropped, not resent.
-
-        A frame refused by its header (too large, wrong version) may be the one only partly
-        written; resending it would be refused again forever.
-        """
+        """The daemon refused this connection (it closes it after the ERROR)."""
+        with self.c._lock:
+            fell_back = self.core.refused(message)
+        if fell_back:
+            if not self.fallback_logged:
+                self.fallback_logged = True
+                log.warning(
+                    "the capture daemon at %s speaks protocol version 1 only: capturing at most once "
+                    "(records in flight when it restarts can be lost; upgrade it for lossless restarts)",
+                    self.c.socket_path,
+                )
+            self._disconnect(None)
+            self.next_connect = 0.0  # at once, in protocol 1
+            return
         self._log_once(f"error:{message}", "the capture daemon refused the connection: %s", message)
-        if self.offset and self.outq:
-            _, n, _ = self.outq.popleft()
-            with self.c._lock:
-                self.c._drop(REJECTED, n)
         self._disconnect(None, slow=True)
 
     def _disconnect(self, exc: BaseException | None, *, slow: bool = False) -> None:
@@ -421,33 +379,15 @@ class _IOLoop:
         self.sock = None
         if exc is not None and not isinstance(exc, OSError | ConnectionError):
             log.warning("captured client: %s", exc)
-        # A partly written frame goes out again whole on the next connection.
-        self.offset = 0
-        # Records written but not acknowledged may be lost with the connection: no flush made
-        # before now can be confirmed, whether its FLUSH frame was written, queued or not yet
-        # taken from the caller. Without such records, written FLUSHes are confirmed already.
-        uncertain = self.conn_records > self.conn_acked
-        for f in self.awaiting:
-            f.ok = not uncertain
-            f.done.set()
-        self.awaiting.clear()
-        if uncertain:
-            self._fail_flushes()
+        # A partly written frame goes out again whole on the next connection; protocol 2 sends
+        # everything not acknowledged again (`ClientCore.connection_lost`).
+        self.current, self.offset = None, 0
+        with self.c._lock:
+            self.core.connection_lost()
         delay = self.c._reconnect_max_s if slow else self.backoff
         self.next_connect = time.monotonic() + delay
         if exc is not None and getattr(exc, "errno", None) not in (None, errno.EPIPE, errno.ECONNRESET):
             self._log_once(f"io:{exc}", "connection to the capture daemon lost: %s", exc)
-
-    def _fail_flushes(self) -> None:
-        """Resolve every flush not yet confirmed as failed and drop its queued FLUSH frame."""
-        queued = [f for _, _, f in self.outq if f is not None]
-        self.outq = deque(item for item in self.outq if item[2] is None)
-        with self.c._lock:
-            queued += self.c._flushes
-            self.c._flushes = []
-        for f in queued:
-            f.ok = False
-            f.done.set()
 
     def _log_once(self, key: str, msg: str, *args: object) -> None:
         """One line per distinct cause until the daemon acknowledges something again."""

@@ -33,8 +33,9 @@ from . import __version__, systemd
 from .config import Config
 from .deliver import Delivery, LocalDestination, scan_spool
 from .ingest import IngestServer
+from .ledger import Ledger
 from .pipeline import MAX_VARIANTS, Pipeline
-from .spool import PART, Spool, ThreadSyncer, object_key, recover_part
+from .spool import PART, SEALED, Spool, ThreadSyncer, object_key, recover_part
 from .uploader import S3Uploader
 from .watermark import CaptureGate
 
@@ -71,18 +72,21 @@ class Daemon:
         self.inherited = systemd.listen_fds()
         self.started_at = time.time()
         self.delivery = make_delivery(cfg)
+        self.ledger = Ledger(cfg.spool_dir)
         self.spool = Spool(
             cfg.spool_dir,
             cfg.endpoint_name,
             cfg.spool,
             self.delivery.submit,
             syncer=ThreadSyncer(asyncio.get_running_loop()),
+            ledger=self.ledger,
         )
         self.gate = CaptureGate(cfg.spool_dir, cfg.watermark)
         self.pipeline = Pipeline(cfg, self.spool, self.gate)
         ing = cfg.ingest
         self.ingest = IngestServer(
             self.pipeline,
+            self.ledger,
             max_frame_bytes=ing.max_frame_bytes,
             status=self.status,
             max_connections=ing.max_connections,
@@ -125,6 +129,11 @@ class Daemon:
             "watermark": self.gate.status(),
             "delivery": self.delivery.stats(),
             "ingest": self.ingest.stats.as_dict(),
+            "sessions": {
+                "remembered": len(self.ledger.sessions),
+                "journal_bytes": self.ledger.size,
+                "journal_ok": not self.ledger.failed,
+            },
             "socket_path": self.cfg.socket_path,
             "metrics": self.metrics.bound if self.metrics is not None else None,
             "uptime_s": round(time.time() - self.started_at, 3),
@@ -136,32 +145,35 @@ class Daemon:
     def recover(self) -> None:
         """Seal `.part` files a crashed run left (whole lines only) and queue sealed files.
 
-        Sealed files are cut back to their last complete line too: after a power loss, the
-        end of a file written since the last flush may be missing.
+        A file the journal names is first cut to its committed end (`ledger`): what lies past it
+        was never acknowledged, and its client sends it again. Every file is then cut back to its
+        last complete line: after a power loss, the end of a file written since the last flush
+        may be missing. The sessions the journal remembers go into a fresh journal.
         """
+        committed = self.ledger.load()
         found, parts = scan_spool(self.cfg.spool_dir, self.cfg.endpoint_name)
         sealed = []
-        for path, size in found:
-            kept = recover_part(path)
+        for path in [p for p, _ in found] + parts:
+            size = os.stat(path).st_size
+            kept = recover_part(path, committed.get(_stem(path)))
             if kept != size:
-                log.warning("cut %s from %d to %d bytes (its end was torn)", path, size, kept)
+                log.warning("cut %s from %d to %d bytes (its end was torn or uncommitted)", path, size, kept)
             if kept == 0:
                 os.unlink(path)
-            else:
-                sealed.append((path, kept))
-        for part in parts:
-            size = recover_part(part)
-            if size == 0:
-                os.unlink(part)
                 continue
-            target = part[: -len(PART)]
-            os.rename(part, target)
-            sealed.append((target, size))
-            log.info("recovered %s (%d bytes of whole lines)", target, size)
+            if path.endswith(PART):
+                target = path[: -len(PART)]
+                os.rename(path, target)
+                log.info("recovered %s (%d bytes of whole lines)", target, kept)
+                path = target
+            sealed.append((path, kept))
+        self.ledger.open()
         for path, size in sealed:
             self.delivery.submit(path, size)
         if sealed:
             log.info("%d sealed file(s) from an earlier run queued for delivery", len(sealed))
+        if self.ledger.sessions:
+            log.info("journal: %d client session(s) remembered", len(self.ledger.sessions))
 
     async def start_delivery(self) -> None:
         """Open the destination, abort multipart uploads a crashed run left for our files, start."""
@@ -230,12 +242,20 @@ class Daemon:
         if self.metrics is not None:
             await self.metrics.stop()
         self.spool.seal_all()
+        self.ledger.commit()
         await self.spool.syncer.wait()  # flushed, renamed, and handed to delivery
         if not await self.delivery.drain(self.cfg.s3.shutdown_timeout_s):
             log.warning("shutdown: files left in the spool for the next start: %s", self.delivery.stats())
         await self.delivery.stop()
         c = self.pipeline.counters
-        log.info("stopped: received %d, written %d, dropped %s", c.received, c.written, c.dropped)
+        log.info(
+            "stopped: received %d, written %d, dropped %s, resent %d",
+            c.received,
+            c.written,
+            c.dropped,
+            c.resent,
+        )
+        self.ledger.close()
         self.notifier.close()
         return 0
 
@@ -274,6 +294,8 @@ class Daemon:
                 self.spool.tick()
             except OSError as exc:
                 log.error("spool rotation failed: %s", exc)
+            if self.ledger.commit():  # retries an entry that could not be written before
+                self.ledger.compact_if_large(self.spool.committed_ends())
             now = loop.time()
             if self.watchdog_s is not None and now >= next_ping:
                 self.notifier.send(WATCHDOG=1)
@@ -348,6 +370,12 @@ class Daemon:
             log.warning("second SIGINT: exiting at once; the spool is recovered at the next start")
             os._exit(130)
         self._stop.set()
+
+
+def _stem(path: str) -> str:
+    """A spool file's name without `.jsonl` / `.jsonl.part`: its name in the journal."""
+    name = os.path.basename(path)
+    return name.split(SEALED, 1)[0]
 
 
 def lock_spool(spool_dir: str) -> int:

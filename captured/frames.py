@@ -5,12 +5,14 @@ A connection is a stream Unix socket carrying frames in both directions. Every f
 
     offset  size  field
     0       2     magic    b"CP"
-    2       1     version  PROTOCOL_VERSION (1); the layout of these 8 bytes never changes
+    2       1     version  1 or 2 (see below); the layout of these 8 bytes never changes
     3       1     kind     Kind below
     4       4     length   payload length in bytes, unsigned big-endian, <= max_frame_bytes
 
-Payloads are MessagePack (msgspec), except ERROR whose payload is plain UTF-8 text so that a
-peer of any version can read why it was refused.
+Payloads are MessagePack (msgspec), except ERROR whose payload is plain UTF-8 text (always
+sent with version 1 in its header) so that a peer of any version can read why it was refused.
+
+Version 1 (at most once): a connection that does not start with HELLO.
 
 client -> daemon
     BATCH   array of records; each record is an array (see `Record`)
@@ -22,6 +24,28 @@ daemon -> client
             how many records the daemon has taken from this connection so far
     STATUS_REPLY  a map, the same document `captured status --json` prints
     ERROR   UTF-8 text; the daemon closes the connection after sending it
+
+Version 2 (nothing lost, nothing twice): a connection whose first frame is HELLO; every frame
+both ways then carries version 2 in its header (an older daemon refuses HELLO with an ERROR
+saying which version it speaks, and the client falls back to version 1).
+
+client -> daemon
+    HELLO   [session, window]: `session` is 16 random bytes naming this client (new in every
+            process); `window` is the client's buffer size in bytes (the daemon acknowledges
+            before a client has that much unacknowledged)
+    BATCH   8 bytes: the session sequence number of the frame's first record (unsigned
+            big-endian; records are numbered 0, 1, 2, ... across the session's connections),
+            then the MessagePack array of records as in version 1
+    FLUSH   [seq]: acknowledge now
+daemon -> client
+    ACK     [seq, next]: `next` is the first sequence number of the session the daemon has not
+            taken; every record below it is written to the spool (and noted in its journal, so
+            it survives a crash of the daemon) or dropped under a counted reason. Sent in reply
+            to HELLO and FLUSH (`seq` echoes the FLUSH, 0 otherwise), after at most
+            `ACK_INTERVAL_S` or a quarter window of new records, and before the daemon closes
+            the connection. A client keeps every record until an ACK covers it and, after a
+            reconnect, sends again what is not covered; the daemon skips records below `next`
+            (counted `resent`), so nothing is written twice.
 
 A frame with a wrong magic, another version, an unknown kind, a length above the maximum or a
 payload that does not decode closes that connection (counted by reason); other connections are
@@ -38,8 +62,14 @@ from typing import Annotated, Any
 import msgspec
 
 MAGIC = b"CP"
-PROTOCOL_VERSION = 1
+#: The newest version spoken; the daemon serves every version in SUPPORTED_VERSIONS.
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 HEADER = struct.Struct(">2sBBI")
+#: Version 2 BATCH payloads start with the first record's sequence number.
+BATCH_SEQ = struct.Struct(">Q")
+#: Version 2: the daemon acknowledges at least this often while records arrive.
+ACK_INTERVAL_S = 0.1
 HEADER_SIZE = HEADER.size
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
 
@@ -51,6 +81,7 @@ class Kind(enum.IntEnum):
     STATUS = 4
     STATUS_REPLY = 5
     ERROR = 6
+    HELLO = 7
 
 
 _KINDS = frozenset(int(k) for k in Kind)
@@ -90,6 +121,11 @@ class Flush(msgspec.Struct, array_like=True, gc=False, frozen=True):
     seq: int
 
 
+class Hello(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    session: Annotated[bytes, msgspec.Meta(min_length=8, max_length=64)]
+    window: Annotated[int, msgspec.Meta(ge=0)]
+
+
 class ProtocolError(Exception):
     """The peer broke the protocol; `reason` is the counter name."""
 
@@ -104,19 +140,27 @@ raw_list_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
 record_decoder = msgspec.msgpack.Decoder(Record)
 ack_decoder = msgspec.msgpack.Decoder(Ack)
 flush_decoder = msgspec.msgpack.Decoder(Flush)
+hello_decoder = msgspec.msgpack.Decoder(Hello)
 any_decoder = msgspec.msgpack.Decoder()
 
 
-def frame(kind: Kind, payload: bytes) -> bytes:
-    return HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, len(payload)) + payload
+def frame(kind: Kind, payload: bytes, version: int = 1) -> bytes:
+    return HEADER.pack(MAGIC, version, kind, len(payload)) + payload
 
 
-def encode_frame(kind: Kind, obj: Any) -> bytes:
-    return frame(kind, _encoder.encode(obj))
+def encode_frame(kind: Kind, obj: Any, version: int = 1) -> bytes:
+    return frame(kind, _encoder.encode(obj), version)
 
 
 def error_frame(message: str) -> bytes:
+    """ERROR always goes out as version 1: a peer of any version can read it."""
     return frame(Kind.ERROR, message.encode("utf-8", "replace"))
+
+
+def batch_frame_v2(first_seq: int, payload: bytes) -> bytes:
+    """A version 2 BATCH: header, the first record's sequence number, the records."""
+    head = HEADER.pack(MAGIC, 2, Kind.BATCH, BATCH_SEQ.size + len(payload))
+    return head + BATCH_SEQ.pack(first_seq) + payload
 
 
 def parse_header(buf: bytes | bytearray | memoryview, max_frame_bytes: int) -> tuple[int, int]:
@@ -124,10 +168,10 @@ def parse_header(buf: bytes | bytearray | memoryview, max_frame_bytes: int) -> t
     magic, version, kind, length = HEADER.unpack_from(buf)
     if magic != MAGIC:
         raise ProtocolError("bad_header", "not a captured frame (bad magic)")
-    if version != PROTOCOL_VERSION:
+    if version != 1 and version != 2:  # SUPPORTED_VERSIONS, spelled out: this runs per frame
         raise ProtocolError(
             "unsupported_version",
-            f"protocol version {version} is not supported; this peer speaks version {PROTOCOL_VERSION}",
+            f"protocol version {version} is not supported; this peer speaks versions 1 and 2",
         )
     if kind not in _KINDS:
         raise ProtocolError("unknown_kind", f"unknown frame kind {kind}")

@@ -3,9 +3,16 @@
 Each connection is an `asyncio.BufferedProtocol` whose reads land in place (`frames.FrameBuffer`).
 Frames are processed synchronously in `buffer_updated`, in order, so when a FLUSH frame is parsed
 every earlier BATCH of that connection has already been written to the spool (or dropped under a
-counted reason) and the ACK can go out at once. While the pipeline works, the loop does not
-read: the kernel's socket buffer and then the client's own bounded buffer absorb bursts
-(back-pressure, never unbounded growth here).
+counted reason). After the frames of a read, one journal entry records what they did
+(`ledger`); an ACK goes out only after the entry that holds what it reports. While the pipeline
+works, the loop does not read: the kernel's socket buffer and then the client's own bounded
+buffer absorb bursts (back-pressure, never unbounded growth here).
+
+A connection that starts with HELLO speaks protocol 2: its BATCH frames carry sequence numbers
+of the client's session; records the session had taken already (a frame resent after a
+reconnect) are skipped, counted `resent`. It is acknowledged by time (`frames.ACK_INTERVAL_S`)
+or after a quarter of the client's window of new frames, in reply to FLUSH, and once more
+before the daemon closes it. Any other connection speaks protocol 1 (ACK only in reply to FLUSH).
 
 Memory per connection is bounded by one partial frame (`max_frame_bytes`) plus one read, held
 only while a frame is under way, and by `MAX_WRITE_BUFFER` of replies a client has not read;
@@ -35,6 +42,7 @@ from typing import Any, cast
 import msgspec
 
 from . import frames
+from .ledger import Ledger, Session
 from .logs import RateLimited
 from .pipeline import Pipeline
 
@@ -44,6 +52,10 @@ log = logging.getLogger("captured.ingest")
 EVICT_IDLE_S = 1.0
 #: Replies (ACK, STATUS_REPLY) a peer may leave unread before it is disconnected.
 MAX_WRITE_BUFFER = 1 << 20
+#: Protocol 2: acknowledge after this many bytes of new frames when HELLO named no window.
+DEFAULT_ACK_BYTES = 1 << 20
+#: Refusals about one frame: the client drops that frame instead of sending it again.
+FRAME_REFUSALS = frozenset({"frame_too_large", "bad_payload"})
 
 
 class IngestStats:
@@ -73,6 +85,13 @@ class Connection(asyncio.BufferedProtocol):
         self.refused = False
         self.frame_started: float | None = None
         self.accounted = 0  # this connection's share of `IngestServer.buffered_total`
+        # Protocol: 0 until the first frame, then 1, or 2 after HELLO.
+        self.version = 0
+        self.session: Session | None = None
+        self.acked = 0  # protocol 2: the `next` the last ACK carried
+        self.unacked_bytes = 0  # protocol 2: bytes of BATCH frames since the last ACK
+        self.ack_bytes = DEFAULT_ACK_BYTES
+        self.ack_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -94,6 +113,9 @@ class Connection(asyncio.BufferedProtocol):
         self.server.buffered_total -= self.accounted
         self.accounted = 0
         self.reader = frames.FrameBuffer(0, self.server.scratch, [])  # drop the partial frame now
+        if self.ack_timer is not None:
+            self.ack_timer.cancel()
+            self.ack_timer = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.refused:
@@ -111,16 +133,35 @@ class Connection(asyncio.BufferedProtocol):
                 self.frame_started = None
             elif got or self.frame_started is None:
                 self.frame_started = now
+            server = self.server
+            batches = False
             for kind, payload in got:
                 if kind == frames.Kind.BATCH:
-                    self.records += self.server.pipeline.process(payload)
+                    if self.version == 2:
+                        self._batch_v2(payload)
+                    else:
+                        self.version = 1
+                        self.records += server.pipeline.process(payload)
+                    batches = True
                 elif kind == frames.Kind.FLUSH:
                     seq = frames.flush_decoder.decode(payload).seq
-                    self._reply(frames.encode_frame(frames.Kind.ACK, (seq, self.records)))
+                    if not server.ledger.commit():
+                        continue  # the journal cannot be written: nothing can be confirmed
+                    if self.version == 2:
+                        self._ack(seq)
+                    else:
+                        self._reply(frames.encode_frame(frames.Kind.ACK, (seq, self.records)))
+                elif kind == frames.Kind.HELLO:
+                    self._hello(payload)
                 elif kind == frames.Kind.STATUS:
-                    self._reply(frames.encode_frame(frames.Kind.STATUS_REPLY, self.server.status()))
+                    doc = server.status()
+                    self._reply(frames.encode_frame(frames.Kind.STATUS_REPLY, doc, self.version or 1))
                 else:
                     raise frames.ProtocolError("unexpected_kind", f"a client may not send frame kind {kind}")
+            if batches:
+                server.ledger.commit()
+                if self.version == 2:
+                    self._ack_soon()
             self.reader.check()
             self._account()
         except frames.ProtocolError as exc:
@@ -130,6 +171,65 @@ class Connection(asyncio.BufferedProtocol):
         except Exception as exc:  # a backstop: whatever a client sends must not escape unhandled
             log.exception("unexpected error on a client connection")
             self.fail("internal_error", f"the daemon could not process a frame: {exc}")
+
+    def _hello(self, payload: memoryview) -> None:
+        if self.version:
+            raise frames.ProtocolError("unexpected_kind", "HELLO may only be a connection's first frame")
+        hello = frames.hello_decoder.decode(payload)
+        self.version = 2
+        self.session = self.server.ledger.session(hello.session)
+        if hello.window:
+            self.ack_bytes = max(4096, hello.window // 4)
+        self._ack(0)  # where the session stands: the client sends again from there
+
+    def _batch_v2(self, payload: memoryview) -> None:
+        session = self.session
+        assert session is not None
+        if len(payload) < frames.BATCH_SEQ.size:
+            raise frames.ProtocolError("bad_payload", "a protocol 2 BATCH starts with a sequence number")
+        (first,) = frames.BATCH_SEQ.unpack_from(payload)
+        skip = session.taken - first if first < session.taken else 0
+        n = self.server.pipeline.process(payload[frames.BATCH_SEQ.size :], skip)
+        self.server.ledger.took(session, first + n)
+        self.records += n
+        self.unacked_bytes += len(payload)
+
+    def _ack_soon(self) -> None:
+        """Acknowledge now if a quarter of the client's window arrived since the last ACK, else
+        within ACK_INTERVAL_S: by time, not per frame, so a quiet client costs few wake-ups."""
+        session = self.session
+        if session is None or session.committed <= self.acked:
+            return
+        if self.unacked_bytes >= self.ack_bytes:
+            self._ack(0)
+        elif self.ack_timer is None:
+            loop = asyncio.get_running_loop()
+            self.ack_timer = loop.call_later(frames.ACK_INTERVAL_S, self._on_ack_timer)
+
+    def _on_ack_timer(self) -> None:
+        self.ack_timer = None
+        if self.refused or self.transport is None or self.transport.is_closing():
+            return
+        if self.server.ledger.commit():  # retries an entry that could not be written before
+            self._ack(0)
+        else:
+            self.ack_timer = asyncio.get_running_loop().call_later(frames.ACK_INTERVAL_S, self._on_ack_timer)
+
+    def _ack(self, seq: int) -> None:
+        """Protocol 2: tell the client the first record number its session has not taken."""
+        session = self.session
+        assert session is not None
+        self.acked = session.committed
+        self.unacked_bytes = 0
+        self._reply(frames.encode_frame(frames.Kind.ACK, (seq, session.committed), 2))
+
+    def goodbye(self) -> None:
+        """Before the daemon closes this connection: say exactly what was taken (protocol 2)."""
+        transport = self.transport
+        if self.version != 2 or self.refused or transport is None or transport.is_closing():
+            return
+        if self.server.ledger.commit():
+            self._ack(0)
 
     def _account(self) -> None:
         """Keep the daemon-wide total of partial-frame bytes within `buffer_budget_bytes`."""
@@ -154,12 +254,15 @@ class Connection(asyncio.BufferedProtocol):
         """Refuse this connection: say why (if the peer still listens), count it, close it."""
         if self.refused:
             return
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size() <= MAX_WRITE_BUFFER:
+            self.goodbye()  # protocol 2: what was taken, so the client knows which frame was refused
         self.refused = True
         stats = self.server.stats
         stats.closed[reason] = stats.closed.get(reason, 0) + 1
         self.server.warn.warning(reason, "closing a client connection (%s): %s", reason, message)
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frames.error_frame(message))
+            self.transport.write(frames.error_frame(f"{reason}: {message}"))
             self.transport.close()
 
 
@@ -169,6 +272,7 @@ class IngestServer:
     def __init__(
         self,
         pipeline: Pipeline,
+        ledger: Ledger,
         *,
         max_frame_bytes: int,
         status: Callable[[], dict[str, Any]],
@@ -179,6 +283,7 @@ class IngestServer:
         allowed_gids: Iterable[int] = (),
     ) -> None:
         self.pipeline = pipeline
+        self.ledger = ledger
         self.max_frame_bytes = max_frame_bytes
         # Where every connection's reads land while it has no frame under way, and the buffers
         # of finished frames kept for the next partial one (`frames.FrameBuffer`).
@@ -246,6 +351,7 @@ class IngestServer:
                 break
             await asyncio.sleep(0.01)
         for c in list(self.connections):
+            c.goodbye()
             if c.transport is not None:
                 c.transport.close()
         if self._server is not None:

@@ -60,6 +60,11 @@ class _StatusCollector:
         yield counter("records_received", "Records read from clients", c["received"])
         yield counter("records_written", "Records written to the spool", c["written"])
         yield by("records_dropped", "Records dropped, by reason", "reason", c["dropped"])
+        yield counter(
+            "records_resent", "Records sent again that were already taken (skipped)", c.get("resent", 0)
+        )
+        sessions = doc.get("sessions", {})
+        yield gauge("client_sessions", "Protocol 2 client sessions remembered", sessions.get("remembered", 0))
         yield gauge("capture_enabled", "EnableCapture (1) or not (0)", 1 if doc["EnableCapture"] else 0)
         yield gauge(
             "capture_started",

@@ -5,7 +5,9 @@ sampling, then the encoder. A uniform batch (one model server's: one variant, on
 fields and content types throughout) is encoded column by column and written at once; any other
 goes record by record into one `encode_lines` and one write per (variant, hour) group.
 
-Counters add up: received = written + sum(dropped.values()).
+Counters add up: received = written + sum(dropped.values()). Records of a resent frame that the
+daemon had already taken (protocol 2, see `ledger`) are skipped and counted apart as `resent`,
+never as received twice nor as dropped.
 """
 
 from __future__ import annotations
@@ -44,13 +46,19 @@ class Counters:
     received: int = 0
     written: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    resent: int = 0  # records sent again that were already taken: skipped, not received
 
     def drop(self, reason: str, n: int) -> None:
         if n:
             self.dropped[reason] = self.dropped.get(reason, 0) + n
 
     def as_dict(self) -> dict[str, object]:
-        return {"received": self.received, "written": self.written, "dropped": dict(self.dropped)}
+        return {
+            "received": self.received,
+            "written": self.written,
+            "dropped": dict(self.dropped),
+            "resent": self.resent,
+        }
 
 
 class Pipeline:
@@ -73,8 +81,11 @@ class Pipeline:
         self.percentage = dcc.InitialSamplingPercentage
         self.encoder = LineEncoder(dcc)
 
-    def process(self, payload: memoryview | bytes) -> int:
+    def process(self, payload: memoryview | bytes, skip: int = 0) -> int:
         """Process one BATCH payload; return how many records it carried.
+
+        The first `skip` records were taken before (a resent frame): they are counted as
+        `resent` and not processed again.
 
         The common case (100 %, capturing, a client-sized batch) decodes the whole batch at
         once. Otherwise the batch is split into raw records first (cheap: no objects per field)
@@ -84,6 +95,13 @@ class Pipeline:
 
         Raises `frames.ProtocolError` when the payload is not an array at all.
         """
+        if skip:
+            raws = self._raws(payload)
+            skipped = min(skip, len(raws))
+            self.counters.resent += skipped
+            for start in range(skipped, len(raws), SLICE_RECORDS):
+                self._take_raws(raws[start : start + SLICE_RECORDS])
+            return len(raws)
         if self.percentage >= 100 and self.enabled and self.gate.open and len(payload) <= SLICE_BYTES:
             try:
                 records = frames.batch_decoder.decode(payload)

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import SpoolConfig
+from .ledger import Ledger
 
 log = logging.getLogger("captured.spool")
 
@@ -105,6 +106,7 @@ def object_key(sealed_name: str) -> str:
 @dataclass(slots=True)
 class OpenFile:
     path: str
+    stem: str
     fd: int
     hour: int
     opened_at: float  # monotonic
@@ -182,6 +184,7 @@ class Spool:
         monotonic: Callable[[], float] = time.monotonic,
         syncer: Syncer | None = None,
         reserve_ahead: bool = True,
+        ledger: Ledger | None = None,
     ) -> None:
         self.dir = spool_dir
         self.endpoint = endpoint
@@ -190,6 +193,8 @@ class Spool:
         self.fsync_interval_s = cfg.fsync_interval_s
         self.syncer = syncer or Syncer()
         self.reserve_ahead = reserve_ahead
+        #: Told of every file before its first byte and of every size written (`ledger`).
+        self.ledger = ledger
         self._synced_at = monotonic()
         self._on_sealed = on_sealed
         self._clock = clock
@@ -261,11 +266,17 @@ class Spool:
                 self.sync_open()
 
     def sync_open(self) -> None:
-        """fdatasync every open file with unflushed data (on the syncer)."""
-        for f in self._open.values():
-            if f.synced < f.size:
-                fd, size = os.dup(f.fd), f.size
-                self.syncer.run(_sync_and_close(fd), _mark_synced(f, size))
+        """fdatasync every open file with unflushed data, and the journal (on the syncer)."""
+        todo = [f for f in self._open.values() if f.synced < f.size]
+        if todo and self.ledger is not None and (jfd := self.ledger.dup_fd()) >= 0:
+            self.syncer.run(_sync_and_close(jfd))
+        for f in todo:
+            fd, size = os.dup(f.fd), f.size
+            self.syncer.run(_sync_and_close(fd), _mark_synced(f, size))
+
+    def committed_ends(self) -> list[tuple[str, int]]:
+        """(stem, size) of every open file: its committed end when the ledger has no dirt."""
+        return [(f.stem, f.size) for f in self._open.values()]
 
     def seal_all(self) -> None:
         for key in list(self._open):
@@ -274,8 +285,10 @@ class Spool:
     def _open_file(self, variant: str, hour: int, first_time: float) -> OpenFile:
         stem = file_stem(self.endpoint, variant, hour, first_time, str(uuid.uuid4()))
         path = os.path.join(self.dir, stem + SEALED + PART)
+        if self.ledger is not None:
+            self.ledger.file_opened(stem)  # in the journal before its first byte is in the file
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        f = self._open[(variant, hour)] = OpenFile(path, fd, hour, self._monotonic())
+        f = self._open[(variant, hour)] = OpenFile(path, stem, fd, hour, self._monotonic())
         f.reserving = self.reserve_ahead
         return f
 
@@ -301,6 +314,8 @@ class Spool:
             raise
         f.size += len(chunk)
         self.bytes_written += len(chunk)
+        if self.ledger is not None:
+            self.ledger.file_written(f.stem, f.size)
 
     def _seal_after_failure(self, key: tuple[str, int]) -> None:
         """A write to this file failed: seal what it holds, so its complete lines go on.
@@ -331,8 +346,12 @@ class Spool:
             return
         sealed = f.path[: -len(PART)]
         self.files_sealed += 1
+        journal_fd = self.ledger.dup_fd() if self.ledger is not None else -1
 
         def work() -> None:
+            if journal_fd >= 0:
+                with contextlib.suppress(OSError):  # the seal does not wait on the journal's disk
+                    _sync_and_close(journal_fd)()
             try:
                 if f.reserved > f.size:  # give back the disk reserved past the last line
                     os.ftruncate(f.fd, f.size)
@@ -377,14 +396,16 @@ def _sync_dir(path: str) -> None:
         os.close(fd)
 
 
-def recover_part(path: str) -> int:
-    """Cut a `.part` file left by a crash after its last complete line; return the kept size.
+def recover_part(path: str, committed: int | None = None) -> int:
+    """Cut a file left by a crash after its last complete line; return the kept size.
 
     Only whole lines are ever delivered: a torn last line (no trailing newline) is removed.
+    With `committed` (its end in the journal, `ledger`), the file is first cut to that: what lies
+    past it was never acknowledged, and its client sends it again.
     """
     with open(path, "rb+") as fh:
         size = fh.seek(0, os.SEEK_END)
-        keep = size
+        keep = size if committed is None else min(size, committed)
         block = 65536
         while keep > 0:
             start = max(0, keep - block)

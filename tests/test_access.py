@@ -132,8 +132,19 @@ def test_connections_past_the_cap_are_refused_and_the_others_served(daemon_facto
     finally:
         for s in idle:
             s.close()
-    wait_for(lambda: d.status()["ingest"]["connections"] == 1)
-    assert closed(d) == {"too_many_connections": 1}
+    # The daemon may accept the next connection before it has seen the four close: then that
+    # one is refused too (counted), and the status query is tried again.
+    refused_again = 0
+    while True:
+        try:
+            if d.status()["ingest"]["connections"] == 1:
+                break
+        except ConnectionError as exc:
+            assert "at most 4 clients" in str(exc)
+            refused_again += 1
+        assert refused_again < 100
+        time.sleep(0.02)
+    assert closed(d) == {"too_many_connections": 1 + refused_again}
     assert capture_ok(d)
 
 

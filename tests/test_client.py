@@ -102,7 +102,7 @@ def test_a_maximum_size_record_fits_the_default_buffer(daemon: DaemonProcess) ->
     with CaptureClient(daemon.socket_path) as client:
         assert client.capture(big, big, request_content_type="text/csv", response_content_type="text/csv")
         assert client.flush(timeout=30)
-    assert daemon.status()["counters"] == {"received": 1, "written": 1, "dropped": {}}
+    assert daemon.status()["counters"] == {"received": 1, "written": 1, "dropped": {}, "resent": 0}
 
 
 def test_the_client_works_in_a_process_with_more_than_1024_open_files(daemon: DaemonProcess) -> None:

@@ -225,7 +225,12 @@ def test_enable_capture_false_keeps_accepting_and_counting(daemon_factory: Any) 
     capture_all(d, [csv_pair(i) for i in range(10)]).close()
     status = d.status()
     assert status["EnableCapture"] is False and status["CaptureStatus"] == "Stopped"
-    assert status["counters"] == {"received": 10, "written": 0, "dropped": {"capture_disabled": 10}}
+    assert status["counters"] == {
+        "received": 10,
+        "written": 0,
+        "dropped": {"capture_disabled": 10},
+        "resent": 0,
+    }
     d.stop()
     assert d.delivered_files() == []
 
@@ -243,7 +248,7 @@ def test_status_json_matches_what_was_sent(daemon: DaemonProcess) -> None:
     assert doc["CaptureStatus"] == "Started"
     assert doc["CurrentSamplingPercentage"] == 100
     assert doc["DestinationS3Uri"] == f"file://{daemon.out_dir}"
-    assert doc["counters"] == {"received": 42, "written": 42, "dropped": {}}
+    assert doc["counters"] == {"received": 42, "written": 42, "dropped": {}, "resent": 0}
     text = subprocess.run(
         [sys.executable, "-m", "captured", "status", "--config", str(daemon.config_path)],
         capture_output=True,
@@ -324,7 +329,7 @@ def test_shutdown_drains_what_clients_sent(daemon: DaemonProcess) -> None:
         s.sendall(data[len(data) // 2 :])
         assert daemon.proc.wait(30) == 0  # type: ignore[union-attr]
     assert len(daemon.delivered_lines()) == n
-    assert os.listdir(daemon.spool_dir) == [".lock"]
+    assert set(os.listdir(daemon.spool_dir)) == {".lock", ".journal"}
     assert "stopped: received 20000, written 20000" in daemon.log()
 
 
@@ -332,7 +337,7 @@ def test_shutdown_drains_what_clients_sent(daemon: DaemonProcess) -> None:
     ("garbage", "reason", "message"),
     [
         (os.urandom(4096), "bad_header", "bad magic"),
-        (b"CP\x02\x01\x00\x00\x00\x02\x90\x90", "unsupported_version", "version 2 is not supported"),
+        (b"CP\x03\x01\x00\x00\x00\x02\x90\x90", "unsupported_version", "version 3 is not supported"),
         (b"CP\x01\x01\xff\x00\x00\x00", "frame_too_large", "exceeds the maximum"),
         (frames.frame(frames.Kind.BATCH, b"\xc1\xc1"), "bad_payload", "not an array"),
         (frames.frame(frames.Kind.ACK, b"\x90"), "unexpected_kind", "may not send"),
@@ -372,7 +377,7 @@ def test_records_with_a_wrong_schema_are_refused_one_by_one(daemon: DaemonProces
         acks = wait_for(lambda: reader.feed(s.recv(4096)))
         assert frames.ack_decoder.decode(acks[0][1]) == frames.Ack(1, 5)
     counters = daemon.status()["counters"]
-    assert counters == {"received": 5, "written": 1, "dropped": {"invalid_record": 4}}
+    assert counters == {"received": 5, "written": 1, "dropped": {"invalid_record": 4}, "resent": 0}
     daemon.stop()
     assert [r["eventMetadata"]["inferenceId"] for r in daemon.delivered_lines()] == ["ok-1"]
     assert not (daemon.out_dir / "test-endpoint" / "..").resolve().joinpath("etc").exists()
@@ -392,7 +397,7 @@ def test_a_crashed_run_is_recovered_at_start(daemon_factory: Any) -> None:
     wait_for(lambda: len(d.delivered_lines()) == 100)
     d.stop()
     assert [int(r["eventMetadata"]["inferenceId"]) for r in d.delivered_lines()] == list(range(100))
-    assert [p.name for p in d.spool_dir.iterdir()] == [".lock"]
+    assert {p.name for p in d.spool_dir.iterdir()} == {".lock", ".journal"}
 
 
 def test_records_acknowledged_by_flush_survive_sigkill_and_torn_sealed_files_are_cut(
@@ -654,7 +659,8 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_record_and_tears_no_line
 ) -> None:
     """Five times: a client captures in a loop (flushing every 200 records), the daemon is killed
     with SIGKILL at a random moment and started again. In the end every line delivered parses,
-    no record is delivered twice, and every record a flush() confirmed is there; the client
+    no record is delivered twice, every record a flush() confirmed is there, and so is every
+    record capture() accepted (the client sent again what was not acknowledged); the client
     resumed on its own after each restart."""
     import random
     import threading
@@ -663,6 +669,7 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_record_and_tears_no_line
     d: DaemonProcess = daemon_factory(extra_toml="[spool]\nmax_file_age_s = 0.3\n")
     d.start()
     confirmed: set[int] = set()
+    accepted: list[int] = []
     stop = threading.Event()
 
     def capture_loop() -> None:
@@ -672,6 +679,7 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_record_and_tears_no_line
         while not stop.is_set():
             if client.capture(**csv_pair(i)):
                 pending.append(i)
+                accepted.append(i)
             i += 1
             if len(pending) >= 200:
                 if client.flush(timeout=2):
@@ -700,4 +708,5 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_record_and_tears_no_line
             ids.append(int(json.loads(raw)["eventMetadata"]["inferenceId"]))
     assert len(ids) == len(set(ids)), "a record was delivered twice"
     assert confirmed and confirmed <= set(ids)
-    assert [p.name for p in d.spool_dir.iterdir()] == [".lock"]
+    assert sorted(ids) == accepted
+    assert {p.name for p in d.spool_dir.iterdir()} == {".lock", ".journal"}

@@ -24,7 +24,7 @@ def test_header_round_trip() -> None:
     ("raw", "reason"),
     [
         (b"XX\x01\x01\x00\x00\x00\x00", "bad_header"),
-        (b"CP\x02\x01\x00\x00\x00\x00", "unsupported_version"),
+        (b"CP\x03\x01\x00\x00\x00\x00", "unsupported_version"),
         (b"CP\x01\x63\x00\x00\x00\x00", "unknown_kind"),
         (b"CP\x01\x01\x7f\x00\x00\x00", "frame_too_large"),
     ],
@@ -36,8 +36,8 @@ def test_bad_headers(raw: bytes, reason: str) -> None:
 
 
 def test_version_error_says_what_is_supported() -> None:
-    with pytest.raises(frames.ProtocolError, match=r"version 2 is not supported.*speaks version 1"):
-        frames.parse_header(b"CP\x02\x01\x00\x00\x00\x00", 1024)
+    with pytest.raises(frames.ProtocolError, match=r"version 3 is not supported.*speaks versions 1 and 2"):
+        frames.parse_header(b"CP\x03\x01\x00\x00\x00\x00", 1024)
 
 
 def _records(n: int) -> list[tuple[object, ...]]:

@@ -115,7 +115,12 @@ def test_the_daemon_refuses_metadata_the_client_would_have_refused(field: dict[s
         pipeline = Pipeline(cfg, spool, CaptureGate(cfg.spool_dir, cfg.watermark))
         assert pipeline.process(msgspec.msgpack.encode([good, bad, good])) == 3
         spool.seal_all()
-    assert pipeline.counters.as_dict() == {"received": 3, "written": 2, "dropped": {"invalid_record": 1}}
+    assert pipeline.counters.as_dict() == {
+        "received": 3,
+        "written": 2,
+        "dropped": {"invalid_record": 1},
+        "resent": 0,
+    }
 
 
 # -- memory ------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_records_reach_s3_under_sagemaker_keys_exactly_once(
         assert head["ServerSideEncryption"] == "aws:kms" and head["SSEKMSKeyId"] == "alias/captures"
     assert hours == {"10", "11"}
     assert sorted(ids) == list(range(400))
-    assert [p.name for p in d.spool_dir.iterdir()] == [".lock"]
+    assert {p.name for p in d.spool_dir.iterdir()} == {".lock", ".journal"}
 
 
 def multipart_daemon(
@@ -290,7 +290,7 @@ def test_sigterm_seals_open_files_and_uploads_them_before_exit(
     assert objects(s3) == {}
     assert d.stop() == 0, d.log()
     assert delivered_ids(s3) == list(range(100))
-    assert [p.name for p in d.spool_dir.iterdir()] == [".lock"]
+    assert {p.name for p in d.spool_dir.iterdir()} == {".lock", ".journal"}
 
 
 def test_sigterm_with_s3_stalled_gives_up_after_the_shutdown_timeout_and_keeps_the_files(

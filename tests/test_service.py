@@ -19,6 +19,7 @@ from conftest import DaemonProcess, wait_for
 
 from captured import CaptureClient, frames
 from captured.cli import query_status
+from captured.record import DEFAULT_LINGER_S
 
 DCC = """[DataCaptureConfig]
 InitialSamplingPercentage = {pct}
@@ -38,6 +39,11 @@ def sighup_and_wait(d: DaemonProcess, marker: str) -> None:
     assert d.proc is not None
     d.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: d.log().count(marker) > seen)
+
+
+#: A record reaches the daemon within the client's linger (plus scheduling): a record captured
+#: before a switch is processed before it if the switch waits this long.
+SENT_WITHIN_S = 10 * DEFAULT_LINGER_S
 
 
 def test_sighup_switches_sampling_mid_stream_without_losing_a_record_or_a_connection(
@@ -71,11 +77,13 @@ def test_sighup_switches_sampling_mid_stream_without_losing_a_record_or_a_connec
         time.sleep(0.3)
         set_sampling(d, 0)
         phase["pct"] = -1  # switching: either outcome is right for these
+        time.sleep(SENT_WITHIN_S)  # what was captured before is at the daemon now
         sighup_and_wait(d, "reload: applied")
         phase["pct"] = 0
         time.sleep(0.3)
         set_sampling(d, 100)
         phase["pct"] = -1
+        time.sleep(SENT_WITHIN_S)
         sighup_and_wait(d, "reload: applied")
         phase["pct"] = 100
         time.sleep(0.3)
