@@ -35,7 +35,7 @@ from typing import Any
 import msgspec
 
 from . import frames
-from .record import BUFFER_FULL, CLOSED, REJECTED, RecordTuple, buffer_takes
+from .record import BUFFER_FULL, CLOSED, REJECTED, RecordTuple
 
 log = logging.getLogger("captured.client")
 
@@ -131,19 +131,21 @@ class ClientCore:
     # ---- the caller's side ---------------------------------------------------------------------
 
     def admit(self, rec: RecordTuple, size: int) -> bool:
-        """Take one validated record into the buffer, or count why not."""
+        """Take one validated record into the buffer, or count why not (the hot path of
+        `capture()`). An empty buffer takes any one record, so a maximum-size record (two 6 MiB
+        bodies) fits whatever `buffer_bytes` is."""
         c = self.counters
         c.captured += 1
         if self.closed:
             _drop(c, CLOSED, 1)
             return False
-        used = self.pending_bytes + self.held_bytes
-        if not buffer_takes(used, size, self.buffer_bytes, empty=not self.pending and not self.held):
+        pending = self.pending
+        if self.pending_bytes + self.held_bytes + size > self.buffer_bytes and (pending or self.held):
             _drop(c, BUFFER_FULL, 1)
             return False
-        if not self.pending:
+        if not pending:
             self.pending_since = self.clock()  # the linger starts with the first record
-        self.pending.append(rec)
+        pending.append(rec)
         self.sizes.append(size)
         self.pending_bytes += size
         self.next_seq += 1

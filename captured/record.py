@@ -126,15 +126,6 @@ def prepare_record(
     return rec, size
 
 
-def buffer_takes(pending_bytes: int, size: int, buffer_bytes: int, *, empty: bool) -> bool:
-    """Whether a client buffer holding `pending_bytes` takes one more record of `size`.
-
-    An empty buffer takes any one record, so a maximum-size record (two 6 MiB bodies) fits
-    whatever `buffer_bytes` is. Shared by both clients so their admission rule cannot drift.
-    """
-    return empty or pending_bytes + size <= buffer_bytes
-
-
 def batch_frames(records: list[RecordTuple], sizes: list[int], batch_bytes: int) -> list[tuple[bytes, int]]:
     """Encode records into BATCH frames of at most about `batch_bytes` each: [(frame, n_records)].
 
