@@ -246,6 +246,8 @@ class _IOLoop:
                 out = core.encode(batch)  # outside the lock: capture() goes on meanwhile
                 with c._lock:
                     core.add_frames(out)
+                if self.sock is not None:
+                    self._write()  # the socket is writable as a rule: no poll(2) before it
                 continue
             if self.sock is None and now >= self.next_connect:
                 self._connect()

@@ -22,7 +22,7 @@ DEFAULT_SOCKET_PATH = "/run/captured/capture.sock"
 DEFAULT_BUFFER_BYTES = 8 * 1024 * 1024
 DEFAULT_BATCH_BYTES = 256 * 1024
 #: How long a client lets records gather before it sends them (unless a batch fills first).
-DEFAULT_LINGER_S = 0.02
+DEFAULT_LINGER_S = 0.05
 #: Upper bound (exclusive) on epoch seconds: year 10000, where ISO-8601 ends.
 MAX_EPOCH_S = 253402300800.0
 
