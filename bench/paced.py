@@ -22,7 +22,9 @@ daemon's `written` counter grew by as many records.
 Columns: achieved/s (records / window), loop µs/rec (the baseline loop's own CPU: sleeping, timing),
 client µs/rec (sender CPU, capture minus baseline, median of the pairs), daemon µs/rec (its CPU in
 the capture window, idle timers included; the idle share is printed below the table), sum and the
-sum as % of one core at the achieved rate, capture() mean / p99 / max (the call alone, in µs).
+sum as % of one core at the achieved rate, capture() mean / p99 / max (the call alone, in µs),
+no-op call µs (the baseline's mean time for calling a function that does nothing with the same
+arguments: what any call costs at that pace, where caches are cold after each sleep).
 """
 
 from __future__ import annotations
@@ -128,9 +130,15 @@ def own_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def noop(request_body: bytes, response_body: bytes, **kw: str) -> bool:
+    """The baseline's stand-in for `capture()`: a call with the same arguments that does nothing.
+    Its time is what any call costs in this loop (after a sleep, caches and predictors are cold)."""
+    return True
+
+
 def paced_sync(client: Any, pairs: list[Pair], n: int, rate: float, times: array[int]) -> int:
-    """The paced loop; `client` None is the baseline. Returns the refused records."""
-    capture = client.capture if client is not None else None
+    """The paced loop; `client` None is the baseline (calls `noop`). Returns the refused records."""
+    capture = client.capture if client is not None else noop
     period, refused, clock, ns, ct = 1.0 / rate, 0, time.perf_counter, time.perf_counter_ns, CONTENT_TYPE
     t0 = clock()
     for i in range(n):
@@ -139,7 +147,7 @@ def paced_sync(client: Any, pairs: list[Pair], n: int, rate: float, times: array
             time.sleep(delay)
         req, resp = pairs[i % DISTINCT]
         start = ns()
-        ok = capture is None or capture(req, resp, request_content_type=ct, response_content_type=ct)
+        ok = capture(req, resp, request_content_type=ct, response_content_type=ct)
         times[i] = ns() - start
         refused += not ok
     if (delay := t0 + n * period - clock()) > 0:
@@ -149,14 +157,14 @@ def paced_sync(client: Any, pairs: list[Pair], n: int, rate: float, times: array
 
 async def paced_async(client: Any, pairs: list[Pair], n: int, rate: float, times: array[int]) -> int:
     """As `paced_sync`, yielding to the event loop before every record (as a server does per request)."""
-    capture = client.capture if client is not None else None
+    capture = client.capture if client is not None else noop
     period, refused, clock, ns, ct = 1.0 / rate, 0, time.perf_counter, time.perf_counter_ns, CONTENT_TYPE
     t0 = clock()
     for i in range(n):
         await asyncio.sleep(max(0.0, t0 + i * period - clock()))
         req, resp = pairs[i % DISTINCT]
         start = ns()
-        ok = capture is None or capture(req, resp, request_content_type=ct, response_content_type=ct)
+        ok = capture(req, resp, request_content_type=ct, response_content_type=ct)
         times[i] = ns() - start
         refused += not ok
     await asyncio.sleep(max(0.0, t0 + n * period - clock()))
@@ -285,6 +293,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "capture_p50_us": med(c["call_p50_ns"] for c in cap) / 1e3,
         "capture_p99_us": med(c["call_p99_ns"] for c in cap) / 1e3,
         "capture_max_us": max(c["call_max_ns"] for c in cap) / 1e3,
+        "noop_mean_us": med(b["call_mean_ns"] for b in base) / 1e3,
         "delivered": sum(c["written"] for c in cap) - WARMUP * len(cap),
         "ok": all(r["ok"] for r in runs),
     }
@@ -302,14 +311,14 @@ def format_report(doc: dict[str, Any]) -> str:
         "",
     ]
     head = ("rate/s", "achieved/s", "loop µs/rec", "client µs/rec", "daemon µs/rec", "sum µs/rec",
-            "% of a core", "capture() mean µs", "p99 µs", "max µs", "delivered")  # fmt: skip
+            "% of a core", "capture() mean µs", "p99 µs", "max µs", "no-op call µs", "delivered")  # fmt: skip
     rows = [head]
     for r in doc["results"]:
         rows.append((f"{r['rate']:,.0f}", f"{r['achieved_per_s']:,.0f}", f"{r['loop_us_per_record']:.2f}",
                      f"{r['client_us_per_record']:.2f}", f"{r['daemon_us_per_record']:.2f}",
                      f"{r['total_us_per_record']:.2f}", f"{r['core_percent']:.2f}",
                      f"{r['capture_mean_us']:.2f}", f"{r['capture_p99_us']:.2f}",
-                     f"{r['capture_max_us']:.0f}",
+                     f"{r['capture_max_us']:.0f}", f"{r['noop_mean_us']:.2f}",
                      f"{r['delivered']} {'ok' if r['ok'] else 'FAILED'}"))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     for i, row in enumerate(rows):

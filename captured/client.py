@@ -320,6 +320,7 @@ class _IOLoop:
             except BlockingIOError:
                 return
             except OSError as exc:
+                self._read()  # the daemon may have said why it closed (an ERROR): read it first
                 self._disconnect(exc)
                 return
             self.offset += sent

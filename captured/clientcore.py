@@ -43,8 +43,7 @@ log = logging.getLogger("captured.client")
 UNCONFIRMED = "unconfirmed"
 #: How the ERROR of a daemon that speaks only protocol 1 ends.
 _SPEAKS = re.compile(r"this peer speaks version (\d+)$")
-#: Refusals of one frame: it is dropped instead of being sent again (see `ingest.FRAME_REFUSALS`).
-_FRAME_REFUSALS = ("frame_too_large:", "bad_payload:")
+_FRAME_REFUSALS = tuple(f"{reason}:" for reason in frames.FRAME_REFUSALS)
 
 _encoder = msgspec.msgpack.Encoder()
 

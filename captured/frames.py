@@ -70,6 +70,9 @@ HEADER = struct.Struct(">2sBBI")
 BATCH_SEQ = struct.Struct(">Q")
 #: Version 2: the daemon acknowledges at least this often while records arrive.
 ACK_INTERVAL_S = 0.1
+#: Refusals about one frame (the ERROR text starts with the reason): the client drops that frame
+#: instead of sending it again forever; the ACK before the ERROR covers every frame before it.
+FRAME_REFUSALS = ("frame_too_large", "bad_payload")
 HEADER_SIZE = HEADER.size
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
 

@@ -54,8 +54,6 @@ EVICT_IDLE_S = 1.0
 MAX_WRITE_BUFFER = 1 << 20
 #: Protocol 2: acknowledge after this many bytes of new frames when HELLO named no window.
 DEFAULT_ACK_BYTES = 1 << 20
-#: Refusals about one frame: the client drops that frame instead of sending it again.
-FRAME_REFUSALS = frozenset({"frame_too_large", "bad_payload"})
 
 
 class IngestStats:

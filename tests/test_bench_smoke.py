@@ -164,3 +164,12 @@ def test_s3_sink_answers_what_the_uploader_and_the_bench_ask() -> None:
             s3.list_objects_v2(Bucket="b")
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_paced_bench_runs_and_every_record_arrives(client: str) -> None:
+    doc = run_bench("paced.py", "--rates", "200", "--seconds", "0.5", "--repeat", "1", "--client", client)
+    (result,) = doc["results"]
+    assert result["ok"], result
+    assert result["rate"] == 200

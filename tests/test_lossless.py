@@ -330,7 +330,8 @@ def test_a_new_client_falls_back_to_protocol_1_with_an_old_daemon(
     finally:
         old.close()
     assert stats["protocol"] == 1 and stats["acknowledged"] == 60 == old.records
-    assert old.refusals == 1
+    # Once as a rule; twice when a write fails on the refused connection before its ERROR is read.
+    assert 1 <= old.refusals <= 2
     assert len([r for r in caplog.records if "speaks protocol version 1 only" in r.getMessage()]) == 1
 
 
