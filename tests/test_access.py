@@ -114,6 +114,47 @@ def test_peers_outside_the_allow_lists_are_refused_and_counted(daemon_factory: A
     assert probe(by_gid) == "ACK" and closed(by_gid) == {}
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another user")
+def test_a_refused_client_accounts_for_every_record(daemon_factory: Any) -> None:
+    """A CaptureClient running as `nobody`, whom the allow-list refuses: its flush() is False and
+    its counters still add up: the records it wrote are held (buffered), not shown as sent and
+    gone. The daemon counts the refusals and no record."""
+    import json
+
+    nobody = pwd.getpwnam("nobody")
+    d = daemon_factory(extra_toml="[ingest]\nsocket_mode = 0o666\nallowed_uids = [4242]\n").start()
+    for directory in (d.root, d.root.parent):
+        os.chmod(directory, 0o755)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a model server process running as nobody
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            client = CaptureClient(d.socket_path, reconnect_max_s=0.1)
+            for i in range(20):
+                client.capture(f"{i},1\n", "0", request_content_type="text/csv")
+            flushed = client.flush(timeout=1.0)
+            stats = client.stats()
+            os.write(w, json.dumps({"flushed": flushed, **stats}).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        got = json.loads(fh.read() or b"{}")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and got, "the client process failed"
+    assert got["flushed"] is False
+    assert got["captured"] == 20 and got["acknowledged"] == 0 and got["dropped"] == {}
+    assert got["buffered"] == 20  # held for a daemon that lets it in: nothing unaccounted
+    assert closed(d).get("peer_refused", 0) >= 1
+    assert d.status()["counters"]["received"] == 0
+
+
 def test_connections_past_the_cap_are_refused_and_the_others_served(daemon_factory: Any) -> None:
     """max_connections = 4 and four idle clients: a fifth connection (a capture client or
     `captured status` alike) is refused with an ERROR frame and counted; once the idle ones go,
