@@ -42,7 +42,7 @@ from typing import Any, NamedTuple, Protocol
 
 import psutil
 from data import PAYLOAD_SIZES, Pair, payloads
-from ingest import machine
+from ingest import format_table, machine
 from servers import CapturedServer
 
 from captured.client import CaptureClient
@@ -510,11 +510,7 @@ def format_report(doc: dict[str, Any]) -> str:
         rows.append((name, str(r["calls"]), f"{r['p50_us']:.2f}", f"{r['p99_us']:.2f}",
                      f"{r['p999_us']:.1f}", f"{r['max_us']:,.0f}", f"{r['mean_us']:.2f}",
                      str(r["accepted"]), str(r.get("buffer_full", 0)), str(r["over_1ms"])))  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    for i, row in enumerate(rows):
-        lines.append(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-        if i == 0:
-            lines.append("-+-".join("-" * w for w in widths))
+    lines += format_table(rows)
     lines.append("")
     results = doc["results"]
     base = results.get("baseline")

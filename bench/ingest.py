@@ -26,6 +26,7 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -387,6 +388,17 @@ def ratios(results: dict[str, dict[str, Any]], of: str = "captured", to: str = "
     return {"records_per_s": ratio("records_per_s"), "cpu_s_per_m": ratio("cpu_s_per_m")}
 
 
+def format_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of cells (the first the header) as aligned text lines, a rule under the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        if i == 0:
+            lines.append("-+-".join("-" * w for w in widths))
+    return lines
+
+
 def format_report(doc: dict[str, Any]) -> str:
     m, p = doc["machine"], doc["params"]
     lines = [
@@ -410,11 +422,7 @@ def format_report(doc: dict[str, Any]) -> str:
         rows.append((r["system"], str(r["records"]), f"{r['wall_s']:.2f}", f"{r['records_per_s']:,.0f}",
                      f"{r['mb_per_s']:.1f}", f"{r['daemon_cpu_s']:.2f}", f"{r['cpu_s_per_m']:.2f}",
                      f"{r['peak_rss_mb']:.0f}", verified))  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    for i, row in enumerate(rows):
-        lines.append(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-        if i == 0:
-            lines.append("-+-".join("-" * w for w in widths))
+    lines += format_table(rows)
     lines.append("")
     for r in doc["results"].values():
         dropped = ", ".join(f"{k} {v}" for k, v in sorted(r["dropped"].items())) or "none"

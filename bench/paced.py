@@ -46,7 +46,7 @@ from typing import Any
 
 import psutil
 from data import DISTINCT, Pair, payloads
-from ingest import machine
+from ingest import format_table, machine
 from servers import CapturedServer
 
 from captured.aclient import AsyncCaptureClient
@@ -320,11 +320,7 @@ def format_report(doc: dict[str, Any]) -> str:
                      f"{r['capture_mean_us']:.2f}", f"{r['capture_p99_us']:.2f}",
                      f"{r['capture_max_us']:.0f}", f"{r['noop_mean_us']:.2f}",
                      f"{r['delivered']} {'ok' if r['ok'] else 'FAILED'}"))  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    for i, row in enumerate(rows):
-        lines.append(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-        if i == 0:
-            lines.append("-+-".join("-" * w for w in widths))
+    lines += format_table(rows)
     lines.append("")
     idle = ", ".join(f"{r['daemon_idle_core_percent']:.2f} % at {r['rate']:,.0f}/s" for r in doc["results"])
     lines.append(f"daemon CPU while idle (during the baselines): {idle} of a core")

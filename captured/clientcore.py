@@ -120,12 +120,10 @@ class ClientCore:
         self.waiters: list[Waiter] = []
         self.closed = False
         # The connection, as the driver reports it.
-        self.connected = False
         self.control: deque[bytes] = deque()  # HELLO / FLUSH, written before the next held frame
         self.write_at = 0  # held[write_at] is the next frame to write on this connection
         self.flush_asked = 0  # the highest waiter target a FLUSH was written for, this connection
         self.v1_acked = 0  # protocol 1: records the daemon said it took on this connection
-        self.v1_written = 0  # protocol 1: records written on this connection
 
     # ---- the caller's side ---------------------------------------------------------------------
 
@@ -244,15 +242,14 @@ class ClientCore:
     # ---- the connection ------------------------------------------------------------------------
 
     def connection_made(self) -> None:
-        self.connected = True
         self.control.clear()
         self.flush_asked = 0
-        self.v1_acked = self.v1_written = 0
+        self.v1_acked = 0
+        # Protocol 2: everything held goes again, the daemon skips what it took. Protocol 1:
+        # only frames never written whole are held here (`connection_lost` dropped the others).
+        self.write_at = 0
         if self.version == 2:
             self.control.append(frames.encode_frame(frames.Kind.HELLO, (self.session, self.buffer_bytes), 2))
-            self.write_at = 0  # everything held goes again; the daemon skips what it took
-        else:
-            self.write_at = 0  # protocol 1: only frames never written whole are held here
 
     def next_write(self) -> bytes | None:
         """The next frame to write on this connection, or None when there is nothing to write."""
@@ -283,13 +280,10 @@ class ClientCore:
         else:
             f.sent = True
             self.counters.sent += f.n
-        if self.version == 1:
-            self.v1_written += f.n
 
     def connection_lost(self) -> None:
         """Protocol 2 keeps everything held for the next connection. Protocol 1 cannot: frames
         written whole and not acknowledged may have been taken, so they are dropped, counted."""
-        self.connected = False
         self.control.clear()
         if self.version == 1 and self.write_at:
             self._drop_front(self.write_at, UNCONFIRMED)

@@ -72,7 +72,7 @@ BATCH_SEQ = struct.Struct(">Q")
 ACK_INTERVAL_S = 0.1
 #: Refusals about one frame (the ERROR text starts with the reason): the client drops that frame
 #: instead of sending it again forever; the ACK before the ERROR covers every frame before it.
-FRAME_REFUSALS = ("frame_too_large", "bad_payload")
+FRAME_REFUSALS = ("frame_too_large", "bad_payload", "internal_error")
 HEADER_SIZE = HEADER.size
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
 
