@@ -154,7 +154,7 @@ class Daemon:
         found, parts = scan_spool(self.cfg.spool_dir, self.cfg.endpoint_name)
         sealed = []
         for path in [p for p, _ in found] + parts:
-            size = os.stat(path).st_size
+            size = os.lstat(path).st_size
             kept = recover_part(path, committed.get(_stem(path)))
             if kept != size:
                 log.warning("cut %s from %d to %d bytes (its end was torn or uncommitted)", path, size, kept)
@@ -384,7 +384,16 @@ def lock_spool(spool_dir: str) -> int:
     Recovery renames `.part` files: a second daemon on the same spool would seal a live
     daemon's open files under it. The lock makes the second one refuse to start instead.
     """
-    fd = os.open(os.path.join(spool_dir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    path = os.path.join(spool_dir, ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(f"{path} is a symbolic link; refusing to use it (remove it)") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file; refusing to use it")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

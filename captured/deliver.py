@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -79,7 +80,8 @@ class LocalDestination:
         # Another filesystem: a hidden temporary name that Model Monitor (which reads *.jsonl
         # only) never picks up, fsync, then an atomic rename into place.
         tmp = os.path.join(directory, f".{os.path.basename(target)}.tmp")
-        with open(path, "rb") as src, open(tmp, "wb") as dst:
+        src_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        with open(src_fd, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
             dst.flush()
             os.fsync(dst.fileno())
@@ -267,19 +269,31 @@ class Delivery:
 def scan_spool(spool_dir: str, endpoint: str) -> tuple[list[tuple[str, int]], list[str]]:
     """Files a previous run left: (sealed files with sizes, `.part` files), oldest first.
 
-    Only this endpoint's files are taken; a spool shared by two daemons stays untouched.
+    Only this endpoint's regular files are taken; a spool shared by two daemons stays untouched.
+    A symbolic link or anything else that is not a regular file, under a spool file's name, is
+    logged and left alone: never truncated, renamed, delivered or uploaded (`lstat`, no link is
+    followed).
     """
     sealed: list[tuple[float, str, int]] = []
     parts: list[str] = []
     prefix = endpoint + "."
     with os.scandir(spool_dir) as it:
         for entry in it:
-            if not entry.name.startswith(prefix) or not entry.is_file():
+            if not entry.name.startswith(prefix):
+                continue
+            if not entry.name.endswith((spool.SEALED, spool.SEALED + spool.PART)):
+                continue
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                log.warning(
+                    "spool: %s is not a regular file (%s); left alone, never delivered",
+                    entry.path,
+                    "a symbolic link" if stat.S_ISLNK(st.st_mode) else f"mode {st.st_mode:o}",
+                )
                 continue
             if entry.name.endswith(spool.SEALED):
-                st = entry.stat()
                 sealed.append((st.st_mtime, entry.path, st.st_size))
-            elif entry.name.endswith(spool.SEALED + spool.PART):
+            else:
                 parts.append(entry.path)
     sealed.sort()
     return [(p, s) for _, p, s in sealed], sorted(parts)

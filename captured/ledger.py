@@ -129,6 +129,9 @@ class Ledger:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return {}
+        except OSError as exc:  # ELOOP: a planted link is never followed (`open` replaces it)
+            log.error("cannot read the journal %s (%s): resent records may be written twice", self.path, exc)
+            return {}
         try:
             with os.fdopen(fd, "rb") as fh:
                 data = fh.read()

@@ -23,6 +23,11 @@ from .upload import UploadError
 CHUNK_BYTES = 1024 * 1024
 
 
+#: Spool files are opened without following a symbolic link (one planted in the spool must never
+#: make the uploader read, and upload, a file elsewhere).
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
 def _short(path: str) -> UploadError:
     # The file ended before the part did: it changed after it was sealed. No retry mends that.
     return UploadError("local_file", False, f"{path} is shorter than expected")
@@ -31,7 +36,7 @@ def _short(path: str) -> UploadError:
 def crc32_of(path: str, offset: int, length: int) -> str:
     """CRC32 of `length` bytes of `path` from `offset`, base64 as S3 writes it (blocking)."""
     crc = 0
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd = os.open(path, _READ_FLAGS)
     try:
         end = offset + length
         while offset < end:
@@ -72,8 +77,11 @@ class FilePart(Payload):
 
     def read(self, size: int = -1) -> bytes:
         n = self._length - self._pos if size < 0 else min(size, self._length - self._pos)
-        with open(self._path, "rb") as fh:
-            data = os.pread(fh.fileno(), n, self._offset + self._pos)
+        fd = os.open(self._path, _READ_FLAGS)
+        try:
+            data = os.pread(fd, n, self._offset + self._pos)
+        finally:
+            os.close(fd)
         self._pos += len(data)
         return data
 
@@ -86,7 +94,7 @@ class FilePart(Payload):
     async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
         left = self._length if content_length is None else min(self._length, content_length)
         offset = self._offset
-        fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(self._path, _READ_FLAGS)
         try:
             while left > 0:
                 # A blocking read of at most 1 MiB, mostly from the page cache: this loop runs in

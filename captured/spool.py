@@ -32,6 +32,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -403,7 +404,11 @@ def recover_part(path: str, committed: int | None = None) -> int:
     With `committed` (its end in the journal, `ledger`), the file is first cut to that: what lies
     past it was never acknowledged, and its client sends it again.
     """
-    with open(path, "rb+") as fh:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)  # never through a planted link
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    with open(fd, "rb+") as fh:
         size = fh.seek(0, os.SEEK_END)
         keep = size if committed is None else min(size, committed)
         block = 65536
