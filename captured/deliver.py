@@ -53,6 +53,28 @@ def file_uri_path(uri: str) -> str:
     return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
+#: Causes of a failed local delivery by errno; any other is named after its errno (`eio`, ...).
+LOCAL_CAUSES = {
+    errno.ENOSPC: "disk_full",
+    errno.EDQUOT: "quota_exceeded",
+    errno.EACCES: "access_denied",
+    errno.EPERM: "access_denied",
+    errno.EROFS: "read_only_filesystem",
+}
+#: Causes a retry soon will not mend: tried again every `Delivery.FATAL_RETRY_S`.
+LOCAL_FATAL = frozenset({"access_denied", "read_only_filesystem"})
+
+
+class LocalDeliveryError(OSError):
+    """A `file://` delivery failed; `cause` names why (counted and logged under it)."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(exc.errno, exc.strerror, exc.filename)
+        code = exc.errno or 0
+        self.cause = LOCAL_CAUSES.get(code) or errno.errorcode.get(code, "os_error").lower()
+        self.retryable = self.cause not in LOCAL_FATAL
+
+
 class LocalDestination:
     """`<root>/<key>`, appearing atomically: rename within a filesystem, else copy + rename."""
 
@@ -65,7 +87,10 @@ class LocalDestination:
         return None
 
     async def put(self, path: str, key: str) -> None:
-        await asyncio.to_thread(self._put, path, key)
+        try:
+            await asyncio.to_thread(self._put, path, key)
+        except OSError as exc:
+            raise LocalDeliveryError(exc) from exc
 
     def _put(self, path: str, key: str) -> None:
         target = os.path.join(self.root, key)
@@ -81,10 +106,15 @@ class LocalDestination:
         # only) never picks up, fsync, then an atomic rename into place.
         tmp = os.path.join(directory, f".{os.path.basename(target)}.tmp")
         src_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        with open(src_fd, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
+        try:
+            with open(src_fd, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # a full disk keeps no half copy (it would hold the space)
+            raise
         os.rename(tmp, target)
         os.unlink(path)
 
