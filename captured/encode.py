@@ -64,19 +64,23 @@ class Line(msgspec.Struct, gc=False):
 
 
 class Uniform(NamedTuple):
-    """A uniform batch encoded whole (`LineEncoder.encode_uniform`): one spool write."""
+    """A uniform batch encoded whole (`LineEncoder.encode_uniform`): one spool write. `times` are
+    the records' times, a line each (a file opened for a line is named after its time)."""
 
     variant: str
     hour: int
     first_time: float
     data: bytes
+    times: list[float]
 
 
 class Group(NamedTuple):
-    """The lines of one (variant, hour), and the time of its first record (names a new file)."""
+    """The lines of one (variant, hour) and their records' times (a file is named after the time
+    of its first record)."""
 
     first_time: float
     lines: list[Line]
+    times: list[float]
 
 
 #: A str as a JSON string, quotes included: byte for byte what msgspec writes for the same str
@@ -219,8 +223,9 @@ class LineEncoder:
         records: Sequence[Record],
         default_variant: str,
         variant_ok: Callable[[str], bool],
-    ) -> tuple[dict[tuple[str, int], Group], int]:
-        """Lines of `records` grouped by (variant, UTC hour), and how many records were refused.
+    ) -> tuple[dict[tuple[str, int], Group], int, int]:
+        """Lines of `records` grouped by (variant, UTC hour), how many records were refused, and
+        how many had nothing to capture (no captured side present: never written as `{}`).
 
         A record is refused when its time is not a usable epoch second (NaN, negative, past
         year 9999), its variant name fails `variant_ok`, or its metadata breaks SageMaker's
@@ -239,6 +244,8 @@ class LineEncoder:
         last_variant = ""
         last_hour = -1
         last_lines: list[Line] = []
+        last_times: list[float] = []
+        empty = 0
         last_second = -1
         ts = ""
         invalid = 0
@@ -292,6 +299,9 @@ class LineEncoder:
                         out = Side(ct, "OUTPUT", body.decode("utf-8"), e)
                     except UnicodeDecodeError:  # not text after all: never mangle, use BASE64
                         out = Side(ct, "OUTPUT", body, BASE64)
+            if inp is None and out is None:  # nothing to capture: never written as {} (counted)
+                empty += 1
+                continue
             if second != last_second:  # records of a batch mostly share their second
                 last_second = second
                 ts = time_cache.get(second) or self.time_string(second)
@@ -304,10 +314,11 @@ class LineEncoder:
                 key = (variant, hour)
                 group = groups.get(key)
                 if group is None:
-                    group = groups[key] = Group(t, [])
-                last_variant, last_hour, last_lines = variant, hour, group.lines
+                    group = groups[key] = Group(t, [], [])
+                last_variant, last_hour, last_lines, last_times = variant, hour, group.lines, group.times
             last_lines.append(line)
-        return groups, invalid
+            last_times.append(t)
+        return groups, invalid, empty
 
     def encode_uniform(
         self,
@@ -417,6 +428,8 @@ class LineEncoder:
             columns.append(column)
             text = b',"encoding":"%s"}' % encoding.encode()
             comma = b","
+        if not columns:  # no captured side in any record: `group_lines` counts them, writes none
+            return None
         consts.append(text + b'},"eventMetadata":{"eventId":')
         if event_ids is None:
             columns.append(new_event_id_pieces(n))  # each with the comma after it
@@ -451,7 +464,7 @@ class LineEncoder:
             parts[2 * j + 1 :: 2 * k] = column
         parts[0] = consts[0]
         parts.append(text)
-        return Uniform(variant, hour, records[0].inference_time, b"".join(parts))
+        return Uniform(variant, hour, records[0].inference_time, b"".join(parts), times)
 
     def encode(self, lines: Iterable[Line]) -> bytes:
         """JSON Lines: one compact object per line, each followed by `\\n`."""

@@ -33,6 +33,8 @@ CAPTURE_DISABLED = "capture_disabled"
 INVALID_RECORD = "invalid_record"
 WRITE_ERROR = "write_error"
 DISK_WATERMARK = "disk_watermark"
+#: A record with no captured side (say Output-only capture and no response): nothing to write.
+NOTHING_TO_CAPTURE = "nothing_to_capture"
 
 #: Distinct variant names the daemon accepts over its lifetime (each may hold open files).
 MAX_VARIANTS = 256
@@ -141,9 +143,10 @@ class Pipeline:
         encoder = self.encoder
         uniform = encoder.encode_uniform(records, self.default_variant, self._variant_ok)
         if uniform is not None:  # the common case: one model server's batch, one write
-            self._write_group(uniform.variant, uniform.hour, uniform.first_time, uniform.data, len(records))
+            self._write_group(uniform.variant, uniform.hour, uniform.times, uniform.data, len(records))
             return
-        groups, invalid = encoder.group_lines(records, self.default_variant, self._variant_ok)
+        groups, invalid, empty = encoder.group_lines(records, self.default_variant, self._variant_ok)
+        self.counters.drop(NOTHING_TO_CAPTURE, empty)
         if invalid:
             self.counters.drop(INVALID_RECORD, invalid)
             self._warn.warning(
@@ -153,13 +156,13 @@ class Pipeline:
             if not self.gate.open:  # a write of this batch failed just now
                 self.counters.drop(DISK_WATERMARK, len(group.lines))
                 continue
-            self._write_group(variant, hour, group.first_time, encoder.encode(group.lines), len(group.lines))
+            self._write_group(variant, hour, group.times, encoder.encode(group.lines), len(group.lines))
 
-    def _write_group(self, variant: str, hour: int, first_time: float, data: bytes, n: int) -> None:
-        """One spool write of `n` encoded lines, counted."""
+    def _write_group(self, variant: str, hour: int, times: list[float], data: bytes, n: int) -> None:
+        """One spool write of `n` encoded lines (`times`: their records' times), counted."""
         c = self.counters
         try:
-            self.spool.write(variant, hour, first_time, data)
+            self.spool.write(variant, hour, times, data)
         except OSError as exc:
             # Pieces written to earlier files before the failure are in the spool: count them.
             kept = data.count(b"\n", 0, getattr(exc, "written", 0))

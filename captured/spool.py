@@ -35,7 +35,7 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .config import SpoolConfig
@@ -209,21 +209,27 @@ class Spool:
     def open_files(self) -> int:
         return len(self._open)
 
-    def write(self, variant: str, hour: int, first_time: float, data: bytes) -> None:
+    def write(self, variant: str, hour: int, times: float | Sequence[float], data: bytes) -> None:
         """Append whole JSON lines `data` to the open file of (variant, hour).
 
-        `first_time` names a new file when one has to be opened. Data larger than what the
-        current file may still take is split at line boundaries across files. If a write fails
-        after earlier pieces went into files, the OSError raised carries `written`: how many
-        bytes of `data` (whole lines) are in the spool all the same.
+        `times` are the lines' records' times (epoch seconds), one a line, or one for all: a file
+        opened for a line is named after its time, so each file after its own first record. Data larger than
+        what the current file may still take is split at line boundaries across files. If a
+        write fails after earlier pieces went into files, the OSError raised carries `written`:
+        how many bytes of `data` (whole lines) are in the spool all the same.
         """
         key = (variant, hour)
         f = self._open.get(key)
         done = 0
+        whole = data
         try:
             while data:
                 if f is None:
-                    f = self._open_file(variant, hour, first_time)
+                    if isinstance(times, int | float):
+                        first = times
+                    else:  # counting lines only when a write splits
+                        first = times[whole.count(b"\n", 0, done) if done else 0]
+                    f = self._open_file(variant, hour, first)
                 room = self.max_bytes - f.size
                 if len(data) <= room:
                     chunk, data = data, b""

@@ -175,6 +175,33 @@ def test_capture_options_through_the_daemon(daemon_factory: Any, modes: str, sid
     assert all(set(r["captureData"]) == sides for r in lines)
 
 
+def test_a_record_with_nothing_to_capture_is_counted_not_written(daemon_factory: Any) -> None:
+    """Output-only capture and records without a response (a request that failed, say): no line
+    `"captureData":{}` is written; they are counted as `nothing_to_capture`, and the counters
+    still add up. A batch of only such records and a mixed one both."""
+    d: DaemonProcess = daemon_factory()
+    d.write_config(
+        "[DataCaptureConfig]\nInitialSamplingPercentage = 100\n"
+        f'DestinationS3Uri = "file://{d.out_dir}"\n'
+        'CaptureOptions = [{ CaptureMode = "Output" }]\n'
+    )
+    d.start()
+    with CaptureClient(d.socket_path) as client:
+        for i in range(3):  # a batch of only such records
+            assert client.capture(b"1,2", None, request_content_type="text/csv", inference_id=f"n{i}")
+        assert client.flush()
+        for i in range(4):  # mixed
+            body = None if i % 2 else b"0.5"
+            assert client.capture(b"1,2", body, request_content_type="text/csv", inference_id=f"m{i}")
+        assert client.flush()
+    counters = d.status()["counters"]
+    assert counters == {"received": 7, "written": 2, "dropped": {"nothing_to_capture": 5}, "resent": 0}
+    d.stop()
+    lines = d.delivered_lines()
+    assert sorted(r["eventMetadata"]["inferenceId"] for r in lines) == ["m0", "m2"]
+    assert all(r["captureData"] for r in lines)
+
+
 def test_without_content_type_header_everything_is_base64(daemon_factory: Any) -> None:
     d: DaemonProcess = daemon_factory()
     d.write_config(

@@ -98,6 +98,25 @@ def test_late_record_goes_to_its_own_hour(tmp_path: Path) -> None:
     assert len(sealed) == 2
 
 
+def test_a_split_write_names_each_file_after_its_own_first_record(tmp_path: Path) -> None:
+    """250 lines, a record each a second apart, split across three files at max_file_bytes: the
+    second file is named after line 102's time and the third after line 204's (SageMaker: the
+    file's name is the time of its first record), not after the write's first line."""
+    clock = Clock(T0)
+    spool, sealed = make_spool(tmp_path, clock, max_file_bytes=1024)
+    times = [T0 + i * 1.001 for i in range(250)]
+    spool.write("AllTraffic", int(T0) // 3600, times, lines(250))
+    spool.seal_all()
+    names = sorted((os.path.basename(p), n) for p, n in sealed)
+    starts = [0, 102, 204]  # 102 lines of 10 bytes fit in 1024
+    expected = [
+        file_stem("churn-endpoint", "AllTraffic", int(T0) // 3600, times[i], "U").rsplit(".", 1)[1][:10]
+        for i in starts
+    ]
+    assert [name.split(".")[3][:10] for name, _ in names] == sorted(expected)
+    assert sorted(n for _, n in names) == sorted([1020, 1020, 460])
+
+
 def test_size_limit_splits_at_line_boundaries(tmp_path: Path) -> None:
     clock = Clock(T0)
     spool, sealed = make_spool(tmp_path, clock, max_file_bytes=1024)
