@@ -31,6 +31,7 @@ of that process as /proc shows them) must match one, or the connection is refuse
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -359,12 +360,37 @@ class IngestServer:
 _UCRED = struct.Struct("3i")
 
 
+#: SO_PEERGROUPS (Linux 4.13): the peer's supplementary groups as the kernel recorded them at
+#: connect(2). Not every Python names the constant; its value is fixed by the kernel ABI.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_GID = struct.Struct("I")
+
+
+def peer_groups(sock: socket.socket) -> frozenset[int] | None:
+    """The peer's supplementary groups from SO_PEERGROUPS, or None where the kernel cannot say.
+
+    No /proc is read: under the shipped unit's `ProtectProc=invisible` another user's
+    /proc/<pid>/status is hidden from the daemon, so a peer admitted only through a
+    supplementary group was refused."""
+    size = 64 * _GID.size
+    for _ in range(3):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE and size < (1 << 20):
+                size *= 16  # more groups than that: NGROUPS_MAX is 65536
+                continue
+            return None
+        return frozenset(g for (g,) in _GID.iter_unpack(raw[: len(raw) // _GID.size * _GID.size]))
+    return None
+
+
 def peer_credentials(transport: asyncio.BaseTransport) -> tuple[int, frozenset[int]] | None:
-    """(uid, the peer's groups) from SO_PEERCRED and /proc, or None if they cannot be read.
+    """(uid, the peer's groups) from SO_PEERCRED and SO_PEERGROUPS, or None if they cannot be read.
 
     The groups are the primary gid SO_PEERCRED reports plus the supplementary groups of that
-    process at the time of the check (read from /proc; only the primary gid where /proc cannot
-    be read).
+    process when it connected (SO_PEERGROUPS; on a kernel without it, /proc/<pid>/status at the
+    time of the check, which `ProtectProc=invisible` hides, leaving the primary gid only).
     """
     sock = transport.get_extra_info("socket")
     if sock is None or not hasattr(socket, "SO_PEERCRED"):
@@ -374,6 +400,10 @@ def peer_credentials(transport: asyncio.BaseTransport) -> tuple[int, frozenset[i
     except OSError:
         return None
     groups = {gid}
+    supplementary = peer_groups(sock)
+    if supplementary is not None:
+        groups |= supplementary
+        return uid, frozenset(groups)
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:

@@ -3,18 +3,21 @@ the connection cap, and clients that stall or trickle in the middle of a frame."
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
 import socket
 import stat
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import DaemonProcess, read_error, wait_for
 
 from captured import CaptureClient, frames
+from captured.ingest import peer_groups
 
 
 def capture_ok(d: DaemonProcess, n: int = 20) -> bool:
@@ -52,22 +55,24 @@ def test_an_unknown_socket_group_is_a_clear_start_error(daemon_factory: Any) -> 
         raise AssertionError("the daemon started with a group that does not exist")
 
 
-def probe_as(uid: int, gid: int, path: str) -> str:
-    """Connect as another user (a forked child drops to uid/gid, no supplementary groups), send a
-    FLUSH and return the daemon's ERROR text ("" if it answered with an ACK instead)."""
+def probe_as(uid: int, gid: int, path: str, groups: tuple[int, ...] = ()) -> str:
+    """Connect as another user (a forked child drops to uid/gid and the supplementary `groups`),
+    send a FLUSH and return the daemon's ERROR text ("" if it answered with an ACK instead)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: no exec, so it needs no access to this interpreter's files
         code = 1
         try:
             os.close(r)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setgid(gid)
             os.setuid(uid)
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(10)
                 s.connect(path)
-                s.sendall(frames.encode_frame(frames.Kind.FLUSH, (1,)))
+                # Refused and closed before the FLUSH arrived: its ERROR is still there to read.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    s.sendall(frames.encode_frame(frames.Kind.FLUSH, (1,)))
                 reader = frames.FrameReader()
                 answer = ""
                 while not answer and (data := s.recv(65536)):
@@ -112,6 +117,48 @@ def test_peers_outside_the_allow_lists_are_refused_and_counted(daemon_factory: A
     assert probe(by_uid) == "ACK" and closed(by_uid) == {}
     by_gid = daemon_factory(name="c", extra_toml=open_socket + f"allowed_gids = [{nobody.pw_gid}]\n").start()
     assert probe(by_gid) == "ACK" and closed(by_gid) == {}
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another user")
+def test_a_supplementary_group_admits_a_peer_without_reading_proc(
+    daemon_factory: Any, short_tmp: Path
+) -> None:
+    """A peer whose only listed group is a supplementary one is let in. Its groups come from
+    SO_PEERGROUPS (the kernel's record at connect), not /proc, which the shipped unit's
+    `ProtectProc=invisible` hides from the daemon: `peer_groups` alone sees the group."""
+    nobody = pwd.getpwnam("nobody")
+    extra = 4343
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(short_tmp / "g.sock"))
+    os.chmod(short_tmp / "g.sock", 0o666)
+    os.chmod(short_tmp, 0o755)
+    listener.listen(1)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([extra])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+                c.connect(str(short_tmp / "g.sock"))
+                c.recv(1)
+            code = 0
+        finally:
+            os._exit(code)
+    conn, _ = listener.accept()
+    try:
+        assert peer_groups(conn) == frozenset({extra})
+    finally:
+        conn.close()
+        listener.close()
+        os.waitpid(pid, 0)
+    d = daemon_factory(extra_toml=f"[ingest]\nsocket_mode = 0o666\nallowed_gids = [{extra}]\n").start()
+    for directory in (d.root, d.root.parent):
+        os.chmod(directory, 0o755)
+    assert probe_as(nobody.pw_uid, nobody.pw_gid, d.socket_path, groups=(extra,)) == "ACK"
+    assert "is not allowed" in probe_as(nobody.pw_uid, nobody.pw_gid, d.socket_path)
+    assert closed(d) == {"peer_refused": 1}
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another user")
