@@ -93,6 +93,9 @@ class SpoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: fdatasync open spool files this often (0: only when a file is sealed). A power loss can
     #: cost the records written since the last sync; a crash of the daemon alone costs nothing.
     fsync_interval_s: float = 1.0
+    #: Spool files open at once, over all variants and hours; past it, the least recently written
+    #: is sealed first (a client cannot hold descriptors and reserved disk with many hours).
+    max_open_files: int = 64
 
 
 class IngestConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -345,6 +348,9 @@ def _spool(ck: _Checker, value: object) -> SpoolConfig:
             table.get("fsync_interval_s", default.fsync_interval_s),
             lambda x: 0 <= x <= 3600,
             "must be a number of seconds from 0 (only when a file is sealed) to 3600",
+        ),
+        max_open_files=ck.integer(
+            "spool.max_open_files", table.get("max_open_files", default.max_open_files), 1, 4096
         ),
     )
 

@@ -34,7 +34,7 @@ from .config import Config
 from .deliver import Delivery, LocalDestination, scan_spool
 from .ingest import IngestServer
 from .ledger import Ledger
-from .pipeline import MAX_VARIANTS, Pipeline
+from .pipeline import Pipeline
 from .spool import PART, SEALED, Spool, ThreadSyncer, object_key, recover_part
 from .uploader import S3Uploader
 from .watermark import CaptureGate
@@ -125,6 +125,7 @@ class Daemon:
                 "open_files": self.spool.open_files,
                 "files_sealed": self.spool.files_sealed,
                 "bytes_written": self.spool.bytes_written,
+                "sealed_for_room": self.spool.sealed_for_room,
             },
             "watermark": self.gate.status(),
             "delivery": self.delivery.stats(),
@@ -533,7 +534,7 @@ def config_differences(old: Config, new: Config, prefix: str = "") -> list[str]:
 def serve(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
     import uvloop
 
-    need = cfg.ingest.max_connections + MAX_VARIANTS + 256  # clients, spool files, everything else
+    need = cfg.ingest.max_connections + cfg.spool.max_open_files + 256  # clients, spool files, the rest
     if (limit := raise_open_files_limit(need)) < need:
         log.warning(
             "open files limit %d is below the %d that ingest.max_connections = %d may need",

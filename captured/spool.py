@@ -54,6 +54,9 @@ SEALED = ".jsonl"
 #: writing and flushing a spool file drops by 13-24 % (`bench/spool_write.py`).
 RESERVE_MIN = 1024 * 1024
 RESERVE_MAX = 16 * 1024 * 1024
+#: Nothing is reserved for a file until it grows past this: a client sending one tiny record per
+#: distinct (variant, hour) cannot make every such file take RESERVE_MIN of disk.
+RESERVE_AFTER = 64 * 1024
 _FALLOC_FL_KEEP_SIZE = 1
 
 
@@ -192,6 +195,8 @@ class Spool:
         self.max_age_s = cfg.max_file_age_s
         self.max_bytes = cfg.max_file_bytes
         self.fsync_interval_s = cfg.fsync_interval_s
+        self.max_open = cfg.max_open_files
+        self.sealed_for_room = 0  # files sealed early because max_open_files were open
         self.syncer = syncer or Syncer()
         self.reserve_ahead = reserve_ahead
         #: Told of every file before its first byte and of every size written (`ledger`).
@@ -219,7 +224,9 @@ class Spool:
         how many bytes of `data` (whole lines) are in the spool all the same.
         """
         key = (variant, hour)
-        f = self._open.get(key)
+        f = self._open.pop(key, None)
+        if f is not None:
+            self._open[key] = f  # most recently written last: `_open_file` seals from the front
         done = 0
         whole = data
         try:
@@ -243,7 +250,7 @@ class Spool:
                         # a single line larger than max_file_bytes: it gets a file of its own
                         cut = data.index(b"\n") + 1
                     chunk, data = data[:cut], data[cut:]
-                if f.reserving and f.size + len(chunk) > f.reserved:
+                if f.reserving and f.size + len(chunk) > max(f.reserved, RESERVE_AFTER):
                     self._reserve(f, len(chunk))
                 try:
                     self._write_all(f, chunk)
@@ -290,6 +297,9 @@ class Spool:
             self._seal(key)
 
     def _open_file(self, variant: str, hour: int, first_time: float) -> OpenFile:
+        while len(self._open) >= self.max_open:
+            self._seal(next(iter(self._open)))  # the least recently written makes room
+            self.sealed_for_room += 1
         stem = file_stem(self.endpoint, variant, hour, first_time, str(uuid.uuid4()))
         path = os.path.join(self.dir, stem + SEALED + PART)
         if self.ledger is not None:

@@ -117,6 +117,29 @@ def test_a_split_write_names_each_file_after_its_own_first_record(tmp_path: Path
     assert sorted(n for _, n in names) == sorted([1020, 1020, 460])
 
 
+def test_open_files_are_capped_and_small_files_reserve_nothing(tmp_path: Path) -> None:
+    """A record each for 2,000 distinct future hours (what a hostile client sends to hold the
+    spool): never more than max_open_files open, the least recently written sealed first (an
+    active file stays open), and no disk reserved for any file of one tiny line."""
+    clock = Clock(T0)
+    spool, sealed = make_spool(tmp_path, clock, max_open_files=8)
+    hour = int(T0) // 3600
+    most = 0
+    for i in range(2000):
+        spool.write("AllTraffic", hour, T0, lines(1))  # the good client's file, written every time
+        spool.write("AllTraffic", hour + 1 + i, T0 + 3600 * (1 + i), lines(1))
+        most = max(most, spool.open_files)
+        if i % 200 == 0:
+            for part in tmp_path.glob("*.part"):
+                # what it holds (filesystem blocks), never RESERVE_MIN ahead
+                assert _allocated(part) <= part.stat().st_size + 16384 < spool_module.RESERVE_MIN
+    assert most == 8 and spool.sealed_for_room == 2000 + 1 - 8
+    good = [p for p in tmp_path.glob("*.part") if f"-{hour % 24:02d}." in p.name]
+    assert len(good) == 1 and good[0].read_bytes() == lines(2000)  # never sealed for room
+    spool.seal_all()
+    assert sum(n for _, n in sealed) == len(lines(1)) * 4000
+
+
 def test_size_limit_splits_at_line_boundaries(tmp_path: Path) -> None:
     clock = Clock(T0)
     spool, sealed = make_spool(tmp_path, clock, max_file_bytes=1024)
