@@ -163,7 +163,7 @@ def run_stages(
         return uniform.data
 
     def encode_records() -> list[bytes]:
-        groups, _, _ = enc.group_lines(records, "AllTraffic", lambda v: True)
+        groups, _, _, _ = enc.group_lines(records, "AllTraffic", lambda v: True)
         return [enc.encode(g.lines) for g in groups.values()]
 
     def encode_json() -> bytes:

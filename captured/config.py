@@ -119,6 +119,9 @@ class IngestConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: A frame must arrive whole this long after its first byte, or the connection is closed
     #: (`stalled_frame`): a client stalled mid-frame, or trickling bytes, holds a buffer.
     frame_timeout_s: float = 30.0
+    #: Records whose inferenceTime is further ahead of the daemon's clock are refused one by one
+    #: (`future_time`): each distinct hour opens a file; any past time is taken.
+    max_future_s: float = 300.0
 
 
 class WatermarkConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -441,6 +444,12 @@ def _ingest(ck: _Checker, value: object) -> IngestConfig:
             table.get("frame_timeout_s", default.frame_timeout_s),
             lambda x: 0.1 <= x <= 3600,
             "must be a number of seconds from 0.1 to 3600",
+        ),
+        max_future_s=ck.number(
+            "ingest.max_future_s",
+            table.get("max_future_s", default.max_future_s),
+            lambda x: 0 <= x <= 366 * 86400,
+            "must be a number of seconds from 0 to 31622400 (a year)",
         ),
     )
 

@@ -223,9 +223,11 @@ class LineEncoder:
         records: Sequence[Record],
         default_variant: str,
         variant_ok: Callable[[str], bool],
-    ) -> tuple[dict[tuple[str, int], Group], int, int]:
-        """Lines of `records` grouped by (variant, UTC hour), how many records were refused, and
-        how many had nothing to capture (no captured side present: never written as `{}`).
+        latest: float = MAX_EPOCH_S,
+    ) -> tuple[dict[tuple[str, int], Group], int, int, int]:
+        """Lines of `records` grouped by (variant, UTC hour), how many records were refused, how
+        many had nothing to capture (no captured side present: never written as `{}`), and how
+        many had a time past `latest` (refused: too far ahead of the daemon's clock).
 
         A record is refused when its time is not a usable epoch second (NaN, negative, past
         year 9999), its variant name fails `variant_ok`, or its metadata breaks SageMaker's
@@ -245,7 +247,7 @@ class LineEncoder:
         last_hour = -1
         last_lines: list[Line] = []
         last_times: list[float] = []
-        empty = 0
+        empty = future = 0
         last_second = -1
         ts = ""
         invalid = 0
@@ -253,6 +255,9 @@ class LineEncoder:
             t = r.inference_time
             if not 0.0 <= t < MAX_EPOCH_S:  # also false for NaN
                 invalid += 1
+                continue
+            if t > latest:
+                future += 1
                 continue
             variant = r.variant_name
             if variant is None:
@@ -318,13 +323,14 @@ class LineEncoder:
                 last_variant, last_hour, last_lines, last_times = variant, hour, group.lines, group.times
             last_lines.append(line)
             last_times.append(t)
-        return groups, invalid, empty
+        return groups, invalid, empty, future
 
     def encode_uniform(
         self,
         records: Sequence[Record],
         default_variant: str,
         variant_ok: Callable[[str], bool],
+        latest: float = MAX_EPOCH_S,
     ) -> Uniform | None:
         """The whole of `records` as JSON Lines in one piece when the batch is uniform, else None.
 
@@ -347,7 +353,7 @@ class LineEncoder:
         lo = min(times)
         hi = max(times)
         total = sum(times)  # NaN if any time is NaN (min/max would skip it)
-        if total != total or not (lo >= 0.0 and hi < MAX_EPOCH_S):
+        if total != total or not (lo >= 0.0 and hi < MAX_EPOCH_S) or hi > latest:
             return None
         first_second = int(lo)
         last_second = int(hi)

@@ -13,6 +13,8 @@ never as received twice nor as dropped.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -35,6 +37,8 @@ WRITE_ERROR = "write_error"
 DISK_WATERMARK = "disk_watermark"
 #: A record with no captured side (say Output-only capture and no response): nothing to write.
 NOTHING_TO_CAPTURE = "nothing_to_capture"
+#: inferenceTime further ahead of the daemon's clock than `ingest.max_future_s`.
+FUTURE_TIME = "future_time"
 
 #: Distinct variant names the daemon accepts over its lifetime (each may hold open files).
 MAX_VARIANTS = 256
@@ -64,12 +68,16 @@ class Counters:
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, spool: Spool, gate: CaptureGate) -> None:
+    def __init__(
+        self, cfg: Config, spool: Spool, gate: CaptureGate, *, clock: Callable[[], float] = time.time
+    ) -> None:
         dcc = cfg.DataCaptureConfig
         self.enabled = dcc.EnableCapture
         self.percentage = dcc.InitialSamplingPercentage
         self.encoder = LineEncoder(dcc)
         self.default_variant = cfg.variant_name
+        self.max_future_s = cfg.ingest.max_future_s
+        self._clock = clock
         self.spool = spool
         self.gate = gate
         self.counters = Counters()
@@ -141,12 +149,23 @@ class Pipeline:
 
     def _write(self, records: list[frames.Record]) -> None:
         encoder = self.encoder
-        uniform = encoder.encode_uniform(records, self.default_variant, self._variant_ok)
+        latest = self._clock() + self.max_future_s
+        uniform = encoder.encode_uniform(records, self.default_variant, self._variant_ok, latest)
         if uniform is not None:  # the common case: one model server's batch, one write
             self._write_group(uniform.variant, uniform.hour, uniform.times, uniform.data, len(records))
             return
-        groups, invalid, empty = encoder.group_lines(records, self.default_variant, self._variant_ok)
+        groups, invalid, empty, future = encoder.group_lines(
+            records, self.default_variant, self._variant_ok, latest
+        )
         self.counters.drop(NOTHING_TO_CAPTURE, empty)
+        if future:
+            self.counters.drop(FUTURE_TIME, future)
+            self._warn.warning(
+                "future",
+                "refused %d record(s) more than %gs ahead of this host's clock",
+                future,
+                self.max_future_s,
+            )
         if invalid:
             self.counters.drop(INVALID_RECORD, invalid)
             self._warn.warning(

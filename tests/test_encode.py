@@ -51,7 +51,7 @@ def record(
 
 
 def encode_many(enc: LineEncoder, records: list[Record]) -> bytes:
-    groups, invalid, _ = enc.group_lines(records, "AllTraffic", lambda v: v == "Canary")
+    groups, invalid, _, _ = enc.group_lines(records, "AllTraffic", lambda v: v == "Canary")
     assert invalid == 0
     return b"".join(enc.encode(g.lines) for g in groups.values())
 
@@ -187,7 +187,7 @@ def test_grouping_by_variant_and_hour_and_refusals() -> None:
         record(b"6", None, "text/csv", None, t=-1.0),
         record(b"7", None, "text/csv", None, t=7201.0, variant_name="Other"),
     ]
-    groups, invalid, _ = enc.group_lines(recs, "AllTraffic", lambda v: v == "Canary")
+    groups, invalid, _, _ = enc.group_lines(recs, "AllTraffic", lambda v: v == "Canary")
     assert invalid == 3
     assert {k: len(g.lines) for k, g in groups.items()} == {
         ("AllTraffic", 1): 1,
@@ -257,7 +257,7 @@ def assert_uniform_matches_records(enc: LineEncoder, records: list[Record]) -> b
     path (generated event ids aside); returns whether it took the batch."""
     ok = lambda v: v == "Canary"  # noqa: E731
     uniform = enc.encode_uniform(records, "AllTraffic", ok)
-    groups, invalid, _ = enc.group_lines(records, "AllTraffic", ok)
+    groups, invalid, _, _ = enc.group_lines(records, "AllTraffic", ok)
     if uniform is None:
         return False
     assert invalid == 0
@@ -348,7 +348,9 @@ def test_uniform_path_takes_what_one_model_server_sends() -> None:
     )
     # Nothing to capture: neither path writes it (`group_lines` counts it, never as `{}`).
     assert not assert_uniform_matches_records(enc, [record(None, None, None, None)])
-    groups, invalid, empty = enc.group_lines([record(None, None, None, None)], "AllTraffic", lambda v: True)
+    groups, invalid, empty, _ = enc.group_lines(
+        [record(None, None, None, None)], "AllTraffic", lambda v: True
+    )
     assert (groups, invalid, empty) == ({}, 0, 1)
 
 
@@ -369,7 +371,7 @@ def test_uniform_path_leaves_mixed_batches_to_the_record_path(odd: Record) -> No
     enc = LineEncoder(dcc())
     records = [record(b"1", b"2", "text/csv", "application/json") for _ in range(5)] + [odd]
     assert enc.encode_uniform(records, "AllTraffic", lambda v: True) is None
-    groups, invalid, _ = enc.group_lines(records, "AllTraffic", lambda v: True)
+    groups, invalid, _, _ = enc.group_lines(records, "AllTraffic", lambda v: True)
     assert sum(len(g.lines) for g in groups.values()) + invalid == 6
 
 

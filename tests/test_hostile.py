@@ -55,7 +55,7 @@ def test_every_line_is_sagemaker_json_that_gives_back_the_bodies(rows: list[Any]
         Record(req, resp, rct, pct, t, None, str(i) if iid else None)
         for i, (req, resp, rct, pct, t, iid) in enumerate(rows)
     ]
-    groups, invalid, empty = enc.group_lines(records, "AllTraffic", lambda v: False)
+    groups, invalid, empty, _ = enc.group_lines(records, "AllTraffic", lambda v: False)
     assert invalid == 0
     # A record with neither body has nothing to capture: counted, never a line.
     assert empty == sum(1 for req, resp, *_ in rows if req is None and resp is None)
