@@ -197,6 +197,7 @@ class Spool:
         self.fsync_interval_s = cfg.fsync_interval_s
         self.max_open = cfg.max_open_files
         self.sealed_for_room = 0  # files sealed early because max_open_files were open
+        self.sealing = 0  # sealed, not yet handed to delivery (the syncer flushes and renames)
         self.syncer = syncer or Syncer()
         self.reserve_ahead = reserve_ahead
         #: Told of every file before its first byte and of every size written (`ledger`).
@@ -212,7 +213,10 @@ class Spool:
 
     @property
     def open_files(self) -> int:
-        return len(self._open)
+        """Files not yet handed to delivery: open ones, and sealed ones whose flush and rename
+        still run on the syncer (or failed: the `.part` then waits for recovery). So a status
+        showing no open file and no file waiting for delivery means everything was delivered."""
+        return len(self._open) + self.sealing
 
     def write(self, variant: str, hour: int, times: float | Sequence[float], data: bytes) -> None:
         """Append whole JSON lines `data` to the open file of (variant, hour).
@@ -363,6 +367,7 @@ class Spool:
             return
         sealed = f.path[: -len(PART)]
         self.files_sealed += 1
+        self.sealing += 1
         journal_fd = self.ledger.dup_fd() if self.ledger is not None else -1
 
         def work() -> None:
@@ -382,6 +387,7 @@ class Spool:
         def then() -> None:  # not called when the flush or the rename failed (logged): the
             # `.part` file then stays in the spool for the next start's recovery
             log.debug("sealed %s (%d bytes)", sealed, f.size)
+            self.sealing -= 1
             self._on_sealed(sealed, f.size)
 
         self.syncer.run(work, then)
