@@ -73,7 +73,11 @@ class _StatusCollector:
         )
         yield gauge("sampling_percentage", "Current sampling percentage", doc["CurrentSamplingPercentage"])
         spool = doc["spool"]
-        yield gauge("spool_open_files", "Spool files open for writing", spool["open_files"])
+        yield gauge(
+            "spool_open_files",
+            "Spool files not yet handed to delivery (open or being sealed)",
+            spool["open_files"],
+        )
         yield counter("spool_files_sealed", "Spool files sealed", spool["files_sealed"])
         yield counter("spool_written_bytes", "Bytes written to the spool", spool["bytes_written"])
         d = doc["delivery"]
