@@ -119,7 +119,6 @@ class Ledger:
         self.fd = -1
         self.size = 0
         self.failed = False  # the last entry could not be written (logged once until it can)
-        self.entries_written = 0
 
     # ---- start ---------------------------------------------------------------------------------
 
@@ -238,7 +237,6 @@ class Ledger:
             log.warning("journal: writing again")
             self.failed = False
         self.size += len(entry)
-        self.entries_written += 1
         for s in self.dirty_sessions.values():
             s.committed = s.taken
         self.dirty_sessions.clear()
