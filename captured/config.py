@@ -161,6 +161,11 @@ class S3Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Uploads run in a child process at this `nice` value (0..19) above the daemon's, so that
     #: on a busy host the CPU goes to inference and capture first and uploads take what is left.
     uploader_nice: int = 10
+    #: At start, open multipart uploads of capture files under this daemon's `{endpoint}/`
+    #: prefix that no spool file explains are aborted once S3 says they are this old; younger
+    #: ones may be another host's, in flight to the same prefix. 0: abort them all (a
+    #: destination only this host writes).
+    abort_unknown_uploads_after_s: float = 3600.0
 
 
 class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -545,6 +550,12 @@ def _s3(ck: _Checker, value: object) -> S3Config:
             "must be a number of seconds from 1 to 3600",
         ),
         uploader_nice=ck.integer("s3.uploader_nice", table.get("uploader_nice", d.uploader_nice), 0, 19),
+        abort_unknown_uploads_after_s=ck.number(
+            "s3.abort_unknown_uploads_after_s",
+            table.get("abort_unknown_uploads_after_s", d.abort_unknown_uploads_after_s),
+            lambda x: 0 <= x <= 30 * 86400,
+            "must be a number of seconds from 0 to 2592000 (30 days)",
+        ),
     )
 
 

@@ -101,6 +101,7 @@ class Daemon:
 
             self.metrics = MetricsServer(cfg.metrics.address, self.status)
         self._stop = asyncio.Event()
+        self._cleanup: asyncio.Task[None] | None = None
         self._signals = 0
 
     def status(self) -> dict[str, Any]:
@@ -170,27 +171,54 @@ class Daemon:
             sealed.append((path, kept))
         self.ledger.open()
         for path, size in sealed:
-            self.delivery.submit(path, size)
+            self.delivery.submit(path, size, recovered=True)
         if sealed:
             log.info("%d sealed file(s) from an earlier run queued for delivery", len(sealed))
         if self.ledger.sessions:
             log.info("journal: %d client session(s) remembered", len(self.ledger.sessions))
 
     async def start_delivery(self) -> None:
-        """Open the destination, abort multipart uploads a crashed run left for our files, start."""
+        """Open the destination and start delivering; look for uploads left open meanwhile.
+
+        A file an earlier run left in the spool aborts its own key's open uploads before its
+        first attempt (`recovered`); what no spool file explains is looked for in the background,
+        so a stalled S3 never holds up start-up.
+        """
         dest = self.delivery.destination
         await dest.start()
-        if isinstance(dest, S3Uploader):
-            keys = [object_key(p) for p in self.delivery.waiting_paths()]
-            try:
-                async with asyncio.timeout(30):  # a stalled S3 must not hold up start-up
-                    aborted = await dest.abort_stale(keys)
-            except Exception as exc:  # S3 unreachable now: delivery retries; the aborts wait
-                log.warning("could not look for multipart uploads left by an earlier run: %s", exc)
-            else:
-                if aborted:
-                    log.info("aborted %d multipart upload(s) left open by an earlier run", aborted)
         self.delivery.start()
+        if isinstance(dest, S3Uploader):
+            self._cleanup = asyncio.get_running_loop().create_task(
+                self._abort_unknown_uploads(dest), name="abort-unknown-uploads"
+            )
+
+    async def _stop_delivery(self) -> None:
+        if self._cleanup is not None:
+            self._cleanup.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cleanup
+        await self.delivery.stop()
+
+    async def _abort_unknown_uploads(self, dest: S3Uploader) -> None:
+        own_prefix = f"{self.cfg.endpoint_name}/"
+        try:
+            async with asyncio.timeout(120):
+                stale = await dest.list_stale(own_prefix, self.cfg.s3.abort_unknown_uploads_after_s)
+                # Listed after they were: a file of this run whose upload is open is still waiting
+                # here, and one delivered since has no open upload left to abort.
+                explained = {object_key(p) for p in self.delivery.waiting_paths()}
+                unknown = [(key, upload_id) for key, upload_id in stale if key not in explained]
+                aborted = await dest.abort_uploads(unknown) if unknown else 0
+        except Exception as exc:  # S3 unreachable now: the next start looks again
+            log.warning("could not look for multipart uploads left open under %s: %s", own_prefix, exc)
+            return
+        if aborted:
+            log.info(
+                "aborted %d multipart upload(s) under %s left open by an earlier run, that no spool"
+                " file explains",
+                aborted,
+                own_prefix,
+            )
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -209,7 +237,7 @@ class Daemon:
             sock = self._listening_socket()
         except (OSError, LookupError) as exc:
             log.error("cannot listen on %s: %s", self.cfg.socket_path, exc)
-            await self.delivery.stop()
+            await self._stop_delivery()
             return 1
         await self.ingest.start(sock=sock)
         if self.metrics is not None:
@@ -218,7 +246,7 @@ class Daemon:
             except (OSError, ValueError) as exc:
                 log.error("cannot serve metrics on %s: %s", self.metrics.address, exc)
                 self.ingest.stop_accepting()
-                await self.delivery.stop()
+                await self._stop_delivery()
                 return 1
         log.info(
             "capturing for endpoint %s: socket %s, spool %s, files land in %s (sampling %d%%, capture %s)",
@@ -247,7 +275,7 @@ class Daemon:
         await self.spool.syncer.wait()  # flushed, renamed, and handed to delivery
         if not await self.delivery.drain(self.cfg.s3.shutdown_timeout_s):
             log.warning("shutdown: files left in the spool for the next start: %s", self.delivery.stats())
-        await self.delivery.stop()
+        await self._stop_delivery()
         c = self.pipeline.counters
         log.info(
             "stopped: received %d, written %d, dropped %s, resent %d",

@@ -34,11 +34,13 @@ class Destination(Protocol):
 
     async def start(self) -> None: ...
 
-    async def put(self, path: str, key: str) -> None:
+    async def put(self, path: str, key: str, *, retry: bool = False) -> None:
         """Store the file at `path` under the relative `key`; return once it is durably there.
 
         May consume (move) `path`; the caller removes it otherwise. Raises on failure (an
-        exception with `retryable` and `cause` attributes says how soon to try again).
+        exception with `retryable` and `cause` attributes says how soon to try again). `retry`:
+        an earlier attempt at this key (this run's or an earlier run's) may have left something
+        behind to clean up first.
         """
 
     async def close(self) -> None: ...
@@ -86,7 +88,7 @@ class LocalDestination:
     async def start(self) -> None:
         return None
 
-    async def put(self, path: str, key: str) -> None:
+    async def put(self, path: str, key: str, *, retry: bool = False) -> None:
         try:
             await asyncio.to_thread(self._put, path, key)
         except OSError as exc:
@@ -129,6 +131,7 @@ class Waiting:
     since: float  # wall clock when sealed (or found at start)
     not_before: float = 0.0  # monotonic: no attempt before this (backoff after a failure)
     attempts: int = 0
+    recovered: bool = False  # left by an earlier run, which may have begun uploading it
 
 
 class Delivery:
@@ -163,8 +166,8 @@ class Delivery:
         self._logged_causes: set[str] = set()
         self._rng = random.Random()
 
-    def submit(self, path: str, size: int) -> None:
-        self._queue.append(Waiting(path, size, time.time()))
+    def submit(self, path: str, size: int, *, recovered: bool = False) -> None:
+        self._queue.append(Waiting(path, size, time.time(), recovered=recovered))
         self._wake.set()
 
     def start(self) -> None:
@@ -238,7 +241,8 @@ class Delivery:
             log.warning("%s vanished from the spool before delivery; dropping it from the queue", item.path)
             return
         try:
-            await self.destination.put(item.path, spool.object_key(item.path))
+            retry = item.attempts > 0 or item.recovered
+            await self.destination.put(item.path, spool.object_key(item.path), retry=retry)
         except asyncio.CancelledError:
             self._queue.appendleft(item)
             raise

@@ -8,8 +8,23 @@ The key is fixed by the sealed file's name, so a retry, or a restart after a cra
 same key again instead of adding a duplicate. A file below `multipart_threshold_bytes` goes up
 with one PutObject; a larger one as a multipart upload whose parts (planned by `plan_parts`, S3's
 rules: 5 MiB <= part <= 5 GiB, at most 10,000 parts) upload in parallel, bounded across all uploads
-by `max_concurrent_parts`. The multipart upload is aborted as soon as anything fails or the upload
-is cancelled; uploads a crashed run left open are aborted at start (`abort_stale`).
+by `max_concurrent_parts`.
+
+No multipart upload is left open (their parts are billed until someone aborts them):
+
+* the upload is aborted as soon as anything fails or the upload is cancelled; an abort that fails
+  (S3 unreachable) is tried again in the background, with backoff, until S3 answers;
+* a CreateMultipartUpload whose response was lost and that botocore sent again made an upload
+  nobody was told of: after such an upload completes, the key's other open uploads are aborted;
+* an attempt that may follow an earlier one (a retry, a file left by an earlier run) first aborts
+  every open upload of its key (`put(..., retry=True)`);
+* at start, the daemon looks for capture-file uploads under its own `{endpoint}/` prefix that no
+  spool file explains and that are older than `s3.abort_unknown_uploads_after_s` (younger ones
+  may be another host's, in flight to the same prefix), and aborts them (`list_stale`,
+  `abort_uploads`).
+
+The key of every capture file is unique (a uuid4 in its name), so aborting a key's other uploads
+never touches another file's, nor another host's.
 
 Bodies stream from the file (`s3body.FilePart`), a piece at a time, never a whole part in memory.
 Every PutObject and UploadPart carries the CRC32 of its body, computed beforehand in a worker
@@ -24,8 +39,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import os
+import re
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +55,13 @@ MIB = 1024 * 1024
 MIN_PART_BYTES = 5 * MIB
 MAX_PART_BYTES = 5 * 1024 * MIB
 MAX_PARTS = 10_000
+#: A failed AbortMultipartUpload is tried again after this long, doubling up to the cap.
+ABORT_RETRY_MIN_S = 1.0
+ABORT_RETRY_MAX_S = 60.0
+#: The relative key of a capture file: {endpoint}/{variant}/yyyy/mm/dd/hh/MM-SS-mmm-{uuid}.jsonl
+CAPTURE_KEY = re.compile(
+    r"[^/]+/[^/]+/\d{4}/\d{2}/\d{2}/\d{2}/\d{2}-\d{2}-\d{3}-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}\.jsonl"
+)
 
 # Error codes that no retry will mend until someone changes something (permissions, bucket, key).
 _FATAL_CODES = {
@@ -149,6 +174,9 @@ class S3Destination:
         self._parts = asyncio.Semaphore(cfg.max_concurrent_parts)
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
+        #: Open uploads whose abort failed: upload id -> key; retried by `_retry_aborts`.
+        self.unaborted: dict[str, str] = {}
+        self._abort_retry: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         from aiobotocore.config import AioConfig
@@ -173,6 +201,22 @@ class S3Destination:
         )
 
     async def close(self) -> None:
+        if self._abort_retry is not None:
+            self._abort_retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._abort_retry
+            self._abort_retry = None
+        if self.unaborted and self._client is not None:  # one last try before the client goes
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await self._abort_unaborted()
+        if self.unaborted:
+            log.warning(
+                "%d multipart upload(s) could not be aborted (their files stay in the spool, or the"
+                " next start's clean-up or the bucket's lifecycle rule removes them): %s",
+                len(self.unaborted),
+                ", ".join(sorted(set(self.unaborted.values()))),
+            )
         await self._stack.aclose()
         self._client = None
 
@@ -191,11 +235,17 @@ class S3Destination:
             return {}
         return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.kms_key_id}
 
-    async def put(self, path: str, key: str) -> None:
-        """Upload `path` as `key` (relative: the prefix is added here). Raises `UploadError`."""
+    async def put(self, path: str, key: str, *, retry: bool = False) -> None:
+        """Upload `path` as `key` (relative: the prefix is added here). Raises `UploadError`.
+
+        `retry`: an earlier attempt at this key may have left a multipart upload open; abort
+        every open upload of the key first.
+        """
         try:
             size = os.stat(path).st_size
             full_key = self.key_for(key)
+            if retry:
+                await self.abort_open(full_key)
             if size < self.cfg.multipart_threshold_bytes:
                 await self._put_object(path, full_key, size)
             else:
@@ -228,6 +278,9 @@ class S3Destination:
             )
         )
         upload_id = created["UploadId"]
+        # Sent more than once (a response lost on the way back): S3 may hold uploads for this
+        # key that nobody was told of. They are aborted once this one is complete.
+        resent = created.get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
         try:  # acquire, then register the cleanup: any failure or cancellation aborts the upload
             parts = await asyncio.gather(
                 *(
@@ -243,6 +296,9 @@ class S3Destination:
         except BaseException:
             await asyncio.shield(self._abort(key, upload_id))
             raise
+        if resent:
+            # A failure here fails the put: the file stays and its retry aborts them first.
+            await self.abort_open(key)
 
     async def _part(
         self, path: str, key: str, upload_id: str, number: int, offset: int, length: int
@@ -268,26 +324,82 @@ class S3Destination:
             part["ChecksumCRC32"] = resp["ChecksumCRC32"]
         return part
 
-    async def _abort(self, key: str, upload_id: str) -> None:
+    async def _abort(self, key: str, upload_id: str) -> bool:
+        """Abort one upload (gone already counts as done); on failure, keep it for a retry."""
         try:
-            await asyncio.wait_for(
-                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id), 10
-            )
-        except Exception as exc:  # the next start aborts what is left
-            log.warning("could not abort multipart upload of %s (the next start will): %s", key, exc)
+            await self._call_abort(key, upload_id)
+        except Exception as exc:
+            if upload_id not in self.unaborted:
+                log.warning("could not abort multipart upload of %s (will try again): %s", key, exc)
+            self.unaborted[upload_id] = key
+            if self._abort_retry is None or self._abort_retry.done():
+                self._abort_retry = asyncio.get_running_loop().create_task(
+                    self._retry_aborts(), name="abort-retry"
+                )
+            return False
+        if self.unaborted.pop(upload_id, None) is not None:
+            log.info("aborted multipart upload of %s on a later try", key)
+        return True
 
-    async def abort_stale(self, relative_keys: Sequence[str]) -> int:
-        """Abort multipart uploads left open for these keys (files this spool still holds)."""
-        wanted = {self.key_for(k) for k in relative_keys}
-        if not wanted:
-            return 0
-        # S3's Prefix is a string prefix, which is exactly what commonprefix computes.
-        prefix = os.path.commonprefix(sorted(wanted))  # noqa: RUF071
+    async def _call_abort(self, key: str, upload_id: str) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            async with asyncio.timeout(10):
+                await self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise
+
+    async def _abort_unaborted(self) -> None:
+        for upload_id, key in list(self.unaborted.items()):
+            if upload_id in self.unaborted:
+                await self._abort(key, upload_id)
+
+    async def _retry_aborts(self) -> None:
+        delay = ABORT_RETRY_MIN_S
+        while self.unaborted:
+            await asyncio.sleep(delay)
+            await self._abort_unaborted()
+            delay = min(delay * 2, ABORT_RETRY_MAX_S)
+
+    async def abort_open(self, key: str) -> int:
+        """Abort every open multipart upload of `key` (a full key). Raises if S3 cannot say."""
         aborted = 0
         paginator = self._client.get_paginator("list_multipart_uploads")
-        async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+        async with asyncio.timeout(self.cfg.request_timeout_s):
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=key):
+                for upload in page.get("Uploads", []):
+                    if upload["Key"] == key and await self._abort(key, upload["UploadId"]):
+                        aborted += 1
+        if key in self.unaborted.values():
+            raise UploadError("abort_failed", True, f"an open multipart upload of {key} could not be aborted")
+        if aborted:
+            log.info("aborted %d multipart upload(s) of %s left open by an earlier attempt", aborted, key)
+        return aborted
+
+    async def list_stale(self, own_prefix: str, older_than_s: float) -> list[tuple[str, str]]:
+        """Open uploads of capture files under the relative `own_prefix` (the daemon's
+        `{endpoint}/`) that S3 says were initiated more than `older_than_s` ago, as
+        (relative key, upload id)."""
+        full_prefix = self.key_for(own_prefix)
+        strip = len(self.key_for(""))
+        cutoff = datetime.datetime.fromtimestamp(time.time() - older_than_s, datetime.UTC)
+        stale = []
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
             for upload in page.get("Uploads", []):
-                if upload["Key"] in wanted:
-                    await self._abort(upload["Key"], upload["UploadId"])
-                    aborted += 1
+                key, initiated = upload["Key"], upload.get("Initiated")
+                if not key.startswith(full_prefix) or not CAPTURE_KEY.fullmatch(key[strip:]):
+                    continue  # not a capture file: someone else's upload
+                if isinstance(initiated, datetime.datetime) and initiated <= cutoff:
+                    stale.append((key[strip:], upload["UploadId"]))
+        return stale
+
+    async def abort_uploads(self, uploads: Sequence[tuple[str, str]]) -> int:
+        """Abort these (relative key, upload id); return how many are gone (failures retry)."""
+        aborted = 0
+        for key, upload_id in uploads:
+            if await self._abort(self.key_for(key), upload_id):
+                aborted += 1
         return aborted

@@ -34,7 +34,7 @@ import msgspec
 
 from . import logs
 from .config import S3Config
-from .upload import S3Destination, UploadError
+from .upload import S3Destination, UploadError, classify
 
 log = logging.getLogger("captured.upload")
 
@@ -60,15 +60,22 @@ class Put(msgspec.Struct, tag=True):
     id: int
     path: str
     key: str
+    retry: bool = False
 
 
 class Cancel(msgspec.Struct, tag=True):
     id: int
 
 
-class AbortStale(msgspec.Struct, tag=True):
+class ListStale(msgspec.Struct, tag=True):
     id: int
-    keys: list[str]
+    own_prefix: str
+    older_than_s: float
+
+
+class Abort(msgspec.Struct, tag=True):
+    id: int
+    uploads: list[tuple[str, str]]
 
 
 class Close(msgspec.Struct, tag=True):
@@ -78,13 +85,14 @@ class Close(msgspec.Struct, tag=True):
 class Done(msgspec.Struct, tag=True):
     id: int
     count: int = 0
+    uploads: list[tuple[str, str]] = []
     #: Set when the request failed: `UploadError`'s cause and retryable flag, and the message.
     cause: str | None = None
     retryable: bool = True
     message: str = ""
 
 
-Request = Put | Cancel | AbortStale | Close
+Request = Put | Cancel | ListStale | Abort | Close
 Reply = Ready | Done
 
 _encoder = msgspec.msgpack.Encoder()
@@ -216,13 +224,19 @@ class S3Uploader:
             self._pending.pop(rid, None)
             raise UploadError("uploader_exited", True, f"the S3 uploader process is gone: {exc}") from exc
 
-    async def put(self, path: str, key: str) -> None:
-        done = await self._request(lambda rid: Put(rid, path, key))
+    async def put(self, path: str, key: str, *, retry: bool = False) -> None:
+        done = await self._request(lambda rid: Put(rid, path, key, retry))
         if done.cause is not None:
             raise UploadError(done.cause, done.retryable, done.message)
 
-    async def abort_stale(self, relative_keys: list[str]) -> int:
-        done = await self._request(lambda rid: AbortStale(rid, list(relative_keys)))
+    async def list_stale(self, own_prefix: str, older_than_s: float) -> list[tuple[str, str]]:
+        done = await self._request(lambda rid: ListStale(rid, own_prefix, older_than_s))
+        if done.cause is not None:
+            raise UploadError(done.cause, done.retryable, done.message)
+        return [tuple(u) for u in done.uploads]  # type: ignore[misc]
+
+    async def abort_uploads(self, uploads: list[tuple[str, str]]) -> int:
+        done = await self._request(lambda rid: Abort(rid, list(uploads)))
         if done.cause is not None:
             raise UploadError(done.cause, done.retryable, done.message)
         return done.count
@@ -268,18 +282,24 @@ class _Child:
     def reply(self, msg: Done) -> None:
         self.out.write(_pack(msg))
 
-    def submit(self, req: Put | AbortStale) -> None:
+    def submit(self, req: Put | ListStale | Abort) -> None:
         task = asyncio.get_running_loop().create_task(self._run(req))
         self.tasks[req.id] = task
         task.add_done_callback(lambda _: self.tasks.pop(req.id, None))
 
-    async def _run(self, req: Put | AbortStale) -> None:
+    async def _run(self, req: Put | ListStale | Abort) -> None:
         try:
             if isinstance(req, Put):
-                await self.dest.put(req.path, req.key)
+                await self.dest.put(req.path, req.key, retry=req.retry)
                 self.reply(Done(req.id))
+            elif isinstance(req, ListStale):
+                try:
+                    stale = await self.dest.list_stale(req.own_prefix, req.older_than_s)
+                except Exception as exc:
+                    raise classify(exc) from exc
+                self.reply(Done(req.id, uploads=stale))
             else:
-                self.reply(Done(req.id, count=await self.dest.abort_stale(req.keys)))
+                self.reply(Done(req.id, count=await self.dest.abort_uploads(req.uploads)))
         except UploadError as exc:
             self.reply(Done(req.id, cause=exc.cause, retryable=exc.retryable, message=str(exc)))
         except asyncio.CancelledError:

@@ -5,9 +5,13 @@
   hard lifetime cap, so it can never outlive the test run.
 * `FaultProxy`: a TCP proxy in front of any host:port, run by an asyncio loop in one
   background thread, whose mode (`pass`, `refuse`, `stall`) the test switches at run time.
+* `S3FaultProxy`: an HTTP proxy in front of the S3 server that knows each request's S3
+  operation and, by a rule the test sets, forwards it, cuts its response after S3 acted on it,
+  answers 503 without forwarding, or resets the connection.
 
 Fixtures: `moto_server` (session), `s3` (function: reset server + fresh bucket),
-`aws_env` (function: environment for daemon subprocesses), `s3_proxy` (function).
+`aws_env` (function: environment for daemon subprocesses), `s3_proxy`, `s3_fault_proxy`
+(function).
 
 PYTEST_DONT_REWRITE: test modules import this file before `pytest_plugins` names it.
 """
@@ -16,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import http.client
 import json
 import os
+import re
 import select
 import socket
 import struct
@@ -483,6 +489,181 @@ def _abort(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
+Action = Literal["pass", "cut", "fail", "reset"]
+#: Hop-by-hop headers (and those the proxy's HTTP stack sets itself) are not copied across.
+_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "expect", "te", "upgrade"}
+_SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+
+
+def s3_operation(method: str, query: Any) -> str:
+    """The S3 operation of a path-style request, from its method and query keys."""
+    if method == "POST":
+        if "uploads" in query:
+            return "CreateMultipartUpload"
+        return "CompleteMultipartUpload" if "uploadId" in query else "Post"
+    if method == "PUT":
+        return "UploadPart" if "uploadId" in query else "PutObject"
+    if method == "DELETE":
+        return "AbortMultipartUpload" if "uploadId" in query else "Delete"
+    if method == "GET" and "uploads" in query:
+        return "ListMultipartUploads"
+    return method.capitalize()
+
+
+class S3FaultProxy:
+    """HTTP proxy 127.0.0.1:<free port> -> an S3 server, with a fault decided per request.
+
+    `rule(operation, n)` (n: this operation's 1-based count so far) names the action:
+      * `pass`: forward the request and its response unchanged;
+      * `cut`: forward it (S3 acts on it), send the response's status, headers and half of its
+        body, then reset the connection: a response lost on the way back;
+      * `fail`: answer 503 SlowDown without forwarding (S3 never sees it);
+      * `reset`: reset the connection without forwarding.
+    `seen[(operation, action)]` counts what was done. Runs an aiohttp server and client on an
+    asyncio loop in one background thread; `rule` may be replaced at any time.
+
+    moto reports one fixed `Initiated` time for every multipart upload; in ListMultipartUploads
+    answers the proxy puts the time it saw each upload created (those created through it).
+    """
+
+    def __init__(self, upstream: str, host: str = LOOPBACK) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.host = host
+        self.port = 0
+        self.rule: Any = lambda op, n: "pass"
+        self.counts: dict[str, int] = {}
+        self.seen: dict[tuple[str, str], int] = {}
+        self.initiated: dict[str, str] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: Any = None
+        self._session: Any = None
+        self._error: BaseException | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def done(self, operation: str, action: str) -> int:
+        return self.seen.get((operation, action), 0)
+
+    def start(self, timeout: float = 10.0) -> S3FaultProxy:
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="S3FaultProxy", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout) or self._error is not None:
+            self.stop()
+            raise RuntimeError(f"S3FaultProxy did not start: {self._error!r}")
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is not None and thread is not None and thread.is_alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout)
+            loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                raise RuntimeError("S3FaultProxy thread did not stop")
+        self._thread = None
+
+    def _run(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._start_server())
+        except BaseException as exc:
+            self._error = exc
+            ready.set()
+            loop.close()
+            return
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(self._shutdown())
+            loop.close()
+
+    async def _start_server(self) -> None:
+        import aiohttp
+        from aiohttp import web
+
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+
+    async def _shutdown(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        op = s3_operation(request.method, request.query)
+        n = self.counts[op] = self.counts.get(op, 0) + 1
+        action: Action = self.rule(op, n)
+        self.seen[(op, action)] = self.seen.get((op, action), 0) + 1
+        body = await request.read()
+        if action == "fail":
+            return web.Response(status=503, body=_SLOW_DOWN, content_type="application/xml")
+        if action == "reset":
+            _reset(request.transport)
+            raise web.HTTPServiceUnavailable()  # never sent: the connection is gone
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        async with self._session.request(
+            request.method, self.upstream + request.path_qs, headers=headers, data=body, allow_redirects=False
+        ) as up:
+            payload = await up.read()
+            out_headers = {k: v for k, v in up.headers.items() if k.lower() not in _HOP}
+        if up.status == 200 and op == "CreateMultipartUpload":
+            if (m := re.search(rb"<UploadId>([^<]+)</UploadId>", payload)) is not None:
+                now = datetime.datetime.now(datetime.UTC)
+                self.initiated[m[1].decode()] = (
+                    now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+                )
+        elif up.status == 200 and op == "ListMultipartUploads":
+            payload = re.sub(rb"<Upload>.*?</Upload>", self._initiated_as_seen, payload, flags=re.S)
+        if action == "pass":
+            return web.Response(status=up.status, headers=out_headers, body=payload)
+        response = web.StreamResponse(status=up.status, headers=out_headers)
+        response.content_length = len(payload)
+        await response.prepare(request)
+        await response.write(payload[: len(payload) // 2])
+        _reset(request.transport)
+        return response
+
+    def _initiated_as_seen(self, m: re.Match[bytes]) -> bytes:
+        upload = m[0]
+        upload_id = re.search(rb"<UploadId>([^<]+)</UploadId>", upload)
+        when = self.initiated.get(upload_id[1].decode()) if upload_id else None
+        if when is None:
+            return upload
+        return re.sub(rb"<Initiated>[^<]*</Initiated>", f"<Initiated>{when}</Initiated>".encode(), upload)
+
+
+def _reset(transport: Any) -> None:
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    if transport is not None:
+        transport.abort()
+
+
 def unique_bucket(prefix: str = "test") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:16]}"
 
@@ -522,6 +703,16 @@ def aws_env(moto_server: MotoServer) -> dict[str, str]:
 def s3_proxy(moto_server: MotoServer) -> Iterator[FaultProxy]:
     """A FaultProxy in `pass` mode in front of the moto server; stopped afterwards."""
     proxy = FaultProxy(moto_server.host, moto_server.port).start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture
+def s3_fault_proxy(moto_server: MotoServer) -> Iterator[S3FaultProxy]:
+    """An S3FaultProxy in front of the moto server, passing everything until `rule` is set."""
+    proxy = S3FaultProxy(moto_server.endpoint_url).start()
     try:
         yield proxy
     finally:

@@ -235,7 +235,8 @@ def test_sigkill_during_a_multipart_upload_leaves_no_orphan_and_no_duplicate(
     (body_bytes,) = objects(s3).values()
     ids = [json.loads(line)["eventMetadata"]["inferenceId"] for line in body_bytes.splitlines()]
     assert sorted(ids, key=int) == [str(i) for i in range(20)]
-    assert "aborted 1 multipart upload(s) left open by an earlier run" in d.log()
+    assert "aborted 1 multipart upload(s) of captures/" in d.log()
+    assert "left open by an earlier attempt" in d.log()
 
 
 def test_access_denied_is_logged_once_counted_and_resumes_once_fixed(
