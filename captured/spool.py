@@ -198,6 +198,7 @@ class Spool:
         self.max_open = cfg.max_open_files
         self.sealed_for_room = 0  # files sealed early because max_open_files were open
         self.sealing = 0  # sealed, not yet handed to delivery (the syncer flushes and renames)
+        self._journal_sync: _JournalSync | None = None
         self.syncer = syncer or Syncer()
         self.reserve_ahead = reserve_ahead
         #: Told of every file before its first byte and of every size written (`ledger`).
@@ -286,8 +287,8 @@ class Spool:
     def sync_open(self) -> None:
         """fdatasync every open file with unflushed data, and the journal (on the syncer)."""
         todo = [f for f in self._open.values() if f.synced < f.size]
-        if todo and self.ledger is not None and (jfd := self.ledger.dup_fd()) >= 0:
-            self.syncer.run(_sync_and_close(jfd))
+        if todo:
+            self._sync_journal()
         for f in todo:
             fd, size = os.dup(f.fd), f.size
             self.syncer.run(_sync_and_close(fd), _mark_synced(f, size))
@@ -359,38 +360,73 @@ class Spool:
             self._seal(key)
 
     def _seal(self, key: tuple[str, int]) -> None:
-        """Flush, close and rename the file (on the syncer), then hand it to delivery."""
+        """Close the file, then flush and rename it (on the syncer) and hand it to delivery.
+
+        Its descriptor is closed here, at once: the syncer opens the file again by name. So a
+        file waiting to be sealed holds no descriptor, however many one batch seals (a client
+        sending 2,000 distinct hours must not take the daemon's descriptors).
+        """
         f = self._open.pop(key)
+        os.close(f.fd)
         if f.size == 0:
-            os.close(f.fd)
             os.unlink(f.path)
             return
         sealed = f.path[: -len(PART)]
         self.files_sealed += 1
         self.sealing += 1
-        journal_fd = self.ledger.dup_fd() if self.ledger is not None else -1
+        self._sync_journal()  # the journal names the file and its end before the rename
+        path, size, trim, flush = f.path, f.size, f.reserved > f.size, f.synced < f.size
 
         def work() -> None:
-            if journal_fd >= 0:
-                with contextlib.suppress(OSError):  # the seal does not wait on the journal's disk
-                    _sync_and_close(journal_fd)()
-            try:
-                if f.reserved > f.size:  # give back the disk reserved past the last line
-                    os.ftruncate(f.fd, f.size)
-                if f.synced < f.size:
-                    os.fdatasync(f.fd)
-            finally:
-                os.close(f.fd)
-            os.rename(f.path, sealed)
+            if trim or flush:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                try:
+                    if trim:  # give back the disk reserved past the last line
+                        os.ftruncate(fd, size)
+                    if flush:
+                        os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            os.rename(path, sealed)
             _sync_dir(self.dir)
 
         def then() -> None:  # not called when the flush or the rename failed (logged): the
             # `.part` file then stays in the spool for the next start's recovery
-            log.debug("sealed %s (%d bytes)", sealed, f.size)
+            log.debug("sealed %s (%d bytes)", sealed, size)
             self.sealing -= 1
-            self._on_sealed(sealed, f.size)
+            self._on_sealed(sealed, size)
 
         self.syncer.run(work, then)
+
+    def _sync_journal(self) -> None:
+        """Queue an fdatasync of the journal, unless one queued and not yet begun covers it."""
+        if self.ledger is None or (self._journal_sync is not None and not self._journal_sync.started):
+            return
+        fd = self.ledger.dup_fd()
+        if fd >= 0:
+            self._journal_sync = _JournalSync(fd)
+            self.syncer.run(self._journal_sync)
+
+
+class _JournalSync:
+    """fdatasync and close a duplicate of the journal's descriptor. Whatever the journal held
+    when `started` turned True is on the disk afterwards; its failure (the disk) does not hold
+    up what follows: the journal's own commits report it."""
+
+    __slots__ = ("fd", "started")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.started = False
+
+    def __call__(self) -> None:
+        self.started = True
+        try:
+            os.fdatasync(self.fd)
+        except OSError:
+            pass
+        finally:
+            os.close(self.fd)
 
 
 def _sync_and_close(fd: int) -> Callable[[], None]:

@@ -19,6 +19,7 @@ import pytest
 
 from captured import frames
 from captured.cli import query_status
+from captured.config import CaptureContentTypeHeader, CaptureOption, DataCaptureConfig
 
 # A real S3-compatible server (moto, in a child process) and a fault proxy: see s3fixtures.py.
 pytest_plugins = ["s3fixtures"]
@@ -105,6 +106,47 @@ class DaemonProcess:
 
     def delivered_bytes(self) -> bytes:
         return b"".join(p.read_bytes() for p in self.delivered_files())
+
+
+def dcc(
+    csv: tuple[str, ...] | None = ("text/csv",),
+    js: tuple[str, ...] | None = ("application/json",),
+    modes: tuple[str, ...] = ("Input", "Output"),
+    header: bool = True,
+) -> DataCaptureConfig:
+    """A DataCaptureConfig for encoder tests: 100 %, these capture modes and content types."""
+    return DataCaptureConfig(
+        InitialSamplingPercentage=100,
+        DestinationS3Uri="file:///tmp/out",
+        CaptureOptions=tuple(CaptureOption(m) for m in modes),
+        CaptureContentTypeHeader=CaptureContentTypeHeader(csv, js) if header else None,
+    )
+
+
+@pytest.fixture
+def small_fs() -> Iterator[Any]:
+    """`small_fs(path, size)`: mount a tmpfs of `size` (mount's syntax: "64m") at `path`, a real
+    filesystem that fills; unmounted at the end. Skips the test where it cannot mount (not root,
+    no CAP_SYS_ADMIN)."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str) -> Path:
+        if os.getuid() != 0:
+            pytest.skip("mounts a small tmpfs: needs root")
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
 
 
 @pytest.fixture

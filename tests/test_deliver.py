@@ -90,40 +90,35 @@ def test_a_failing_destination_keeps_the_file_and_retries(tmp_path: Path) -> Non
     assert stats["files_delivered"] == 1 and stats["files_waiting"] == 0
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="mounts a small tmpfs: needs root")
-def test_a_full_destination_is_counted_as_disk_full_and_retried(tmp_path: Path) -> None:
+def test_a_full_destination_is_counted_as_disk_full_and_retried(tmp_path: Path, small_fs: Any) -> None:
     """The destination is a 64 KiB filesystem (a tmpfs this test mounts) and the file is larger:
     the copy fails with ENOSPC, counted as `disk_full`, the file stays in the spool, no partial
     file is left behind; once the filesystem has room, the same file is delivered once."""
     import subprocess
 
-    spool, dest = tmp_path / "spool", tmp_path / "small"
+    spool = tmp_path / "spool"
     spool.mkdir()
-    dest.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(dest)], check=True)
-    try:
-        (spool / NAME).write_bytes(b"y" * 99 + b"\n" + b"x\n" * 100_000)
+    dest = small_fs(tmp_path / "small", "64k")
+    (spool / NAME).write_bytes(b"y" * 99 + b"\n" + b"x\n" * 100_000)
 
-        async def go() -> dict[str, Any]:
-            d = Delivery(LocalDestination(f"file://{dest}"))
-            d.RETRY_MIN_S = 0.05
-            d.start()
-            d.submit(str(spool / NAME), (spool / NAME).stat().st_size)
-            await asyncio.sleep(0.3)
-            stats = d.stats()
-            assert set(stats["failures"]) == {"disk_full"} and (spool / NAME).exists()
-            assert not [p for p in dest.rglob("*") if p.is_file()]  # no half copy holds the space
-            subprocess.run(["mount", "-o", "remount,size=1m", str(dest)], check=True)
-            assert await d.drain(10)
-            await d.stop()
-            return d.stats()
+    async def go() -> dict[str, Any]:
+        d = Delivery(LocalDestination(f"file://{dest}"))
+        d.RETRY_MIN_S = 0.05
+        d.start()
+        d.submit(str(spool / NAME), (spool / NAME).stat().st_size)
+        await asyncio.sleep(0.3)
+        stats = d.stats()
+        assert set(stats["failures"]) == {"disk_full"} and (spool / NAME).exists()
+        assert not [p for p in dest.rglob("*") if p.is_file()]  # no half copy holds the space
+        subprocess.run(["mount", "-o", "remount,size=1m", str(dest)], check=True)
+        assert await d.drain(10)
+        await d.stop()
+        return d.stats()
 
-        stats = asyncio.run(go())
-        assert (dest / KEY).read_bytes().count(b"\n") == 100_001
-        assert [p.name for p in (dest / KEY).parent.iterdir()] == [Path(KEY).name]
-        assert stats["files_delivered"] == 1 and not (spool / NAME).exists()
-    finally:
-        subprocess.run(["umount", str(dest)], check=False)
+    stats = asyncio.run(go())
+    assert (dest / KEY).read_bytes().count(b"\n") == 100_001
+    assert [p.name for p in (dest / KEY).parent.iterdir()] == [Path(KEY).name]
+    assert stats["files_delivered"] == 1 and not (spool / NAME).exists()
 
 
 def test_scan_spool_takes_only_its_endpoint(tmp_path: Path) -> None:

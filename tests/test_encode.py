@@ -10,10 +10,10 @@ from typing import Any
 
 import msgspec
 import pytest
+from conftest import dcc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from captured.config import CaptureContentTypeHeader, CaptureOption, DataCaptureConfig
 from captured.encode import (
     BASE64,
     CSV,
@@ -28,20 +28,6 @@ from captured.encode import (
     new_event_ids,
 )
 from captured.frames import Record
-
-
-def dcc(
-    csv: tuple[str, ...] | None = ("text/csv",),
-    js: tuple[str, ...] | None = ("application/json",),
-    modes: tuple[str, ...] = ("Input", "Output"),
-    header: bool = True,
-) -> DataCaptureConfig:
-    return DataCaptureConfig(
-        InitialSamplingPercentage=100,
-        DestinationS3Uri="file:///tmp/out",
-        CaptureOptions=tuple(CaptureOption(m) for m in modes),
-        CaptureContentTypeHeader=CaptureContentTypeHeader(csv, js) if header else None,
-    )
 
 
 def record(

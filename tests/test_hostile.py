@@ -16,10 +16,9 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import DaemonProcess, wait_for
+from conftest import DaemonProcess, dcc, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_encode import dcc
 
 from captured import CaptureClient, frames
 from captured.config import Overrides, load_config
