@@ -45,8 +45,8 @@ from data import PAYLOAD_SIZES, Pair, payloads
 from ingest import format_table, machine
 from servers import CapturedServer
 
-from captured.client import CaptureClient
-from captured.record import DEFAULT_BUFFER_BYTES
+from captured.client.record import DEFAULT_BUFFER_BYTES
+from captured.client.sync import CaptureClient
 
 CONTENT_TYPE = "text/csv"
 SLOW_NS = 1_000_000

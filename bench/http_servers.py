@@ -201,7 +201,7 @@ def killpg(pid: int, sig: int) -> None:
 
 
 def written(socket_path: str) -> int:
-    from captured.cli import query_status
+    from captured.service.cli import query_status
 
     return int(query_status(socket_path)["counters"]["written"])
 

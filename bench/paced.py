@@ -49,9 +49,9 @@ from data import DISTINCT, Pair, payloads
 from ingest import format_table, machine
 from servers import CapturedServer
 
-from captured.aclient import AsyncCaptureClient
-from captured.cli import query_status
-from captured.client import CaptureClient
+from captured.client.aio import AsyncCaptureClient
+from captured.client.sync import CaptureClient
+from captured.service.cli import query_status
 
 CONTENT_TYPE = "text/csv"
 PAYLOAD_BYTES = 250

@@ -74,9 +74,9 @@ def frames_sender(
     """The daemon's intake without the client library's cost: the BATCH frames `CaptureClient`
     would send (same encoding, same ~512 KiB batches) are built before the clock, then written
     to one socket as fast as it takes them; a FLUSH/ACK at the end confirms processing."""
-    from captured import frames
-    from captured.client import TAKE_BYTES
-    from captured.record import batch_frames, prepare_record
+    from captured.client.record import batch_frames, prepare_record
+    from captured.client.sync import TAKE_BYTES
+    from captured.wire import frames
 
     now = time.time()
     prepared = [

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from captured.cli import query_status
+from captured.service.cli import query_status
 
 BENCH_DIR = Path(__file__).resolve().parent
 STOP_TIMEOUT_S = 120.0

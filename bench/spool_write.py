@@ -1,6 +1,6 @@
 """Spool write: what reserving disk ahead of the writes saves the kernel.
 
-Writes `--mib` of SageMaker lines through `captured.spool.Spool` (rotation at `--file-mib`, every
+Writes `--mib` of SageMaker lines through `captured.daemon.spool.Spool` (rotation at `--file-mib`, every
 file flushed and sealed as the daemon does it) twice per round: with disk reserved ahead of the
 writes (`fallocate(FALLOC_FL_KEEP_SIZE)`, the daemon's default) and without, the baseline. Rounds
 alternate the order; the table gives the median CPU seconds (user + system, this process) per GiB
@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from captured.config import SpoolConfig
-from captured.daemon import tune_malloc
-from captured.spool import Spool
+from captured.daemon.spool import Spool
+from captured.service.config import SpoolConfig
+from captured.service.daemon import tune_malloc
 
 MODES = ("reserve ahead", "no reservation")
 

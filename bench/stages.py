@@ -41,21 +41,21 @@ from typing import Any
 import msgspec
 from data import PAYLOAD_SIZES, payloads
 
-from captured import frames
-from captured.config import (
+from captured.client.record import batch_frames, prepare_record
+from captured.daemon.encode import LineEncoder
+from captured.daemon.pipeline import Pipeline
+from captured.daemon.sample import sample
+from captured.daemon.spool import Spool
+from captured.daemon.watermark import CaptureGate, Usage
+from captured.service.config import (
     CaptureContentTypeHeader,
     CaptureOption,
     Config,
     DataCaptureConfig,
     SpoolConfig,
 )
-from captured.daemon import tune_malloc
-from captured.encode import LineEncoder
-from captured.pipeline import Pipeline
-from captured.record import batch_frames, prepare_record
-from captured.sample import sample
-from captured.spool import Spool
-from captured.watermark import CaptureGate, Usage
+from captured.service.daemon import tune_malloc
+from captured.wire import frames
 
 DCC = DataCaptureConfig(
     InitialSamplingPercentage=100,

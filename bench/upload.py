@@ -62,10 +62,10 @@ from botocore.config import Config  # noqa: E402
 from ingest import machine  # noqa: E402
 from s3fixtures import MotoServer  # noqa: E402
 
-from captured.config import S3Config  # noqa: E402
-from captured.deliver import Delivery  # noqa: E402
-from captured.spool import object_key  # noqa: E402
-from captured.uploader import S3Uploader  # noqa: E402
+from captured.daemon.spool import object_key  # noqa: E402
+from captured.delivery.queue import Delivery  # noqa: E402
+from captured.delivery.uploader import S3Uploader  # noqa: E402
+from captured.service.config import S3Config  # noqa: E402
 
 MIB = 1024 * 1024
 MB = 1_000_000

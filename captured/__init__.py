@@ -12,18 +12,18 @@ __version__ = "0.1.0"
 __all__ = ["AsyncCaptureClient", "CaptureClient", "__version__"]
 
 if TYPE_CHECKING:
-    from .aclient import AsyncCaptureClient
-    from .client import CaptureClient
+    from captured.client.aio import AsyncCaptureClient
+    from captured.client.sync import CaptureClient
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import captured` in a model server should not pay for the daemon's imports.
     if name == "CaptureClient":
-        from .client import CaptureClient
+        from captured.client.sync import CaptureClient
 
         return CaptureClient
     if name == "AsyncCaptureClient":
-        from .aclient import AsyncCaptureClient
+        from captured.client.aio import AsyncCaptureClient
 
         return AsyncCaptureClient
     raise AttributeError(name)

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from captured import frames
-from captured.cli import query_status
-from captured.config import CaptureContentTypeHeader, CaptureOption, DataCaptureConfig
+from captured.service.cli import query_status
+from captured.service.config import CaptureContentTypeHeader, CaptureOption, DataCaptureConfig
+from captured.wire import frames
 
 # A real S3-compatible server (moto, in a child process) and a fault proxy: see s3fixtures.py.
 pytest_plugins = ["s3fixtures"]

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from conftest import DaemonProcess, read_error, wait_for
 
-from captured import CaptureClient, frames
-from captured.ingest import peer_groups
+from captured import CaptureClient
+from captured.daemon.ingest import peer_groups
+from captured.wire import frames
 
 
 def capture_ok(d: DaemonProcess, n: int = 20) -> bool:

@@ -15,7 +15,7 @@ import pytest
 import uvloop
 from conftest import DaemonProcess
 
-from captured.aclient import AsyncCaptureClient
+from captured.client.aio import AsyncCaptureClient
 
 T = TypeVar("T")
 
@@ -282,7 +282,7 @@ def test_refused_frame_is_dropped_and_logged_once(
             assert await client.flush()
             return client.stats()
 
-    with caplog.at_level(logging.WARNING, logger="captured.aclient"):
+    with caplog.at_level(logging.WARNING, logger="captured.client.aio"):
         stats = run(main())
     assert stats["dropped"] == {"rejected_by_daemon": 2}
     assert stats["sent"] == stats["acknowledged"] == 1

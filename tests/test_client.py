@@ -10,7 +10,7 @@ import pytest
 from conftest import DaemonProcess
 
 from captured import CaptureClient
-from captured.record import prepare_record
+from captured.client.record import prepare_record
 
 
 def prep(**kw: Any) -> tuple[Any, ...]:
@@ -59,7 +59,7 @@ def test_the_common_call_takes_a_shorter_path_to_the_same_record() -> None:
     limits still raise."""
     import msgspec
 
-    from captured import frames
+    from captured.wire import frames
 
     common = (b"1,2", b"3", "text/csv", "text/csv", None, None, None, None, None)
     fast, fast_size = prepare_record(*common, 100)

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from captured import frames
-from captured.clientcore import UNCONFIRMED, ClientCore, Waiter
-from captured.record import prepare_record
+from captured.client.core import UNCONFIRMED, ClientCore, Waiter
+from captured.client.record import prepare_record
+from captured.wire import frames
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""Loading, validating and rendering the configuration (captured.config, captured.configfile)."""
+"""Loading, validating and rendering the configuration (captured.service.config, captured.service.configfile)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from captured import configfile
-from captured.config import (
+from captured.service import configfile
+from captured.service.config import (
     CONTENT_TYPE_PATTERN,
     NAME_PATTERN,
     CaptureContentTypeHeader,

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 from conftest import DaemonProcess, read_error, wait_for
 
-from captured import CaptureClient, frames
-from captured.cli import query_status
+from captured import CaptureClient
+from captured.service.cli import query_status
+from captured.wire import frames
 
 UTC = dt.UTC
 
@@ -335,7 +336,7 @@ def test_client_reconnects_after_a_daemon_restart(daemon: DaemonProcess) -> None
 
 
 def _raw_records(n: int, start: int = 0) -> bytes:
-    from captured.record import batch_frames, prepare_record
+    from captured.client.record import batch_frames, prepare_record
 
     recs = [
         prepare_record(f"{i},1\n", "0", "text/csv", "text/csv", str(i), None, None, None, None, 1 << 20)

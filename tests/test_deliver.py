@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from captured.deliver import Delivery, LocalDestination, file_uri_path, scan_spool
+from captured.delivery.queue import Delivery, LocalDestination, file_uri_path, scan_spool
 
 NAME = "ep.AllTraffic.2021-05-18-00.28-04-146-08d6d8b9-c7ac-4427-93a1-5eece415565d.jsonl"
 KEY = "ep/AllTraffic/2021/05/18/00/28-04-146-08d6d8b9-c7ac-4427-93a1-5eece415565d.jsonl"

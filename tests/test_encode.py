@@ -14,7 +14,7 @@ from conftest import dcc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from captured.encode import (
+from captured.daemon.encode import (
     BASE64,
     CSV,
     JSON,
@@ -27,7 +27,7 @@ from captured.encode import (
     new_event_id_pieces,
     new_event_ids,
 )
-from captured.frames import Record
+from captured.wire.frames import Record
 
 
 def record(

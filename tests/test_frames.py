@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from captured import frames
-from captured.record import batch_frames, prepare_record
+from captured.client.record import batch_frames, prepare_record
+from captured.wire import frames
 
 
 def test_header_round_trip() -> None:

@@ -20,13 +20,14 @@ from conftest import DaemonProcess, dcc, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from captured import CaptureClient, frames
-from captured.config import Overrides, load_config
-from captured.encode import LineEncoder
-from captured.frames import Record
-from captured.pipeline import Pipeline
-from captured.spool import Spool
-from captured.watermark import CaptureGate
+from captured import CaptureClient
+from captured.daemon.encode import LineEncoder
+from captured.daemon.pipeline import Pipeline
+from captured.daemon.spool import Spool
+from captured.daemon.watermark import CaptureGate
+from captured.service.config import Overrides, load_config
+from captured.wire import frames
+from captured.wire.frames import Record
 
 # -- the encoder, for any record ------------------------------------------------------------------
 

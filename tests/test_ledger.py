@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from captured import ledger
-from captured.ledger import Ledger, encode_entry, read_entries, replay
+from captured.daemon import ledger
+from captured.daemon.ledger import Ledger, encode_entry, read_entries, replay
 
 
 def test_entries_read_back_until_the_first_torn_or_corrupt_one() -> None:

@@ -23,8 +23,9 @@ import msgspec
 import pytest
 from conftest import DaemonProcess, wait_for
 
-from captured import CaptureClient, frames
-from captured.record import prepare_record
+from captured import CaptureClient
+from captured.client.record import prepare_record
+from captured.wire import frames
 
 
 def csv_pair(i: int) -> dict[str, Any]:
@@ -317,7 +318,7 @@ def test_a_new_client_falls_back_to_protocol_1_with_an_old_daemon(
     once from now on), speaks protocol 1, and its records arrive; flush() is True."""
     old = OldDaemon(str(short_tmp / "old.sock"))
     try:
-        with caplog.at_level(logging.WARNING, logger="captured.client"):
+        with caplog.at_level(logging.WARNING, logger="captured.client.sync"):
             client = CaptureClient(str(short_tmp / "old.sock"))
             for i in range(50):
                 assert client.capture(**csv_pair(i))

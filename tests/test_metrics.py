@@ -11,7 +11,8 @@ import msgspec
 from conftest import DaemonProcess
 from prometheus_client.parser import text_string_to_metric_families
 
-from captured import CaptureClient, frames
+from captured import CaptureClient
+from captured.wire import frames
 
 
 def scrape_tcp(address: str, path: str = "/metrics") -> tuple[int, str, str]:

@@ -22,10 +22,10 @@ import pytest
 from conftest import DaemonProcess, wait_for
 from s3fixtures import S3FaultProxy, S3Sandbox
 
-from captured.client import CaptureClient
-from captured.config import S3Config
-from captured.upload import MIB, UploadError
-from captured.uploader import S3Uploader
+from captured.client.sync import CaptureClient
+from captured.delivery.s3 import MIB, UploadError
+from captured.delivery.uploader import S3Uploader
+from captured.service.config import S3Config
 
 KEY = "e/AllTraffic/2026/12/03/10/15-30-123-0b0e0c0d-1111-4222-8333-444455556666.jsonl"
 
@@ -101,7 +101,7 @@ def test_an_abort_that_fails_is_tried_again_until_s3_answers(
     path = big_file(tmp_path, 11 * MIB)
 
     async def main() -> tuple[int, list[tuple[str, str]], int]:
-        from captured.upload import S3Destination
+        from captured.delivery.s3 import S3Destination
 
         dest = S3Destination(f"s3://{s3.bucket}/pre", s3_config(s3_fault_proxy.endpoint_url))
         await dest.start()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from captured.sample import sample
+from captured.daemon.sample import sample
 
 
 def test_zero_and_hundred_are_exact() -> None:

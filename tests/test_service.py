@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from conftest import DaemonProcess, wait_for
 
-from captured import CaptureClient, frames
-from captured.cli import query_status
-from captured.record import DEFAULT_LINGER_S
+from captured import CaptureClient
+from captured.client.record import DEFAULT_LINGER_S
+from captured.service.cli import query_status
+from captured.wire import frames
 
 DCC = """[DataCaptureConfig]
 InitialSamplingPercentage = {pct}

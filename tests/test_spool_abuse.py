@@ -13,8 +13,8 @@ import psutil
 from conftest import DaemonProcess, dcc, wait_for
 
 from captured import CaptureClient
-from captured.encode import LineEncoder
-from captured.frames import Record
+from captured.daemon.encode import LineEncoder
+from captured.wire.frames import Record
 
 
 def test_records_too_far_ahead_are_refused_by_both_encoder_paths() -> None:

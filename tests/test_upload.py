@@ -14,10 +14,10 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 from s3fixtures import MotoServer, S3Sandbox
 
-from captured.config import S3Config
-from captured.s3body import FilePart, crc32_of
-from captured.upload import MAX_PARTS, MIB, UploadError, classify, plan_parts, s3_key, split_s3_uri
-from captured.uploader import S3Uploader
+from captured.delivery.s3 import MAX_PARTS, MIB, UploadError, classify, plan_parts, s3_key, split_s3_uri
+from captured.delivery.s3body import FilePart, crc32_of
+from captured.delivery.uploader import S3Uploader
+from captured.service.config import S3Config
 
 GIB = 1024 * MIB
 

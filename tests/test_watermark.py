@@ -14,8 +14,8 @@ import pytest
 from conftest import DaemonProcess, wait_for
 
 from captured import CaptureClient
-from captured.config import WatermarkConfig
-from captured.watermark import CHECK_EVERY_BYTES, WRITE_RETRY_S, CaptureGate, Usage, decide
+from captured.daemon.watermark import CHECK_EVERY_BYTES, WRITE_RETRY_S, CaptureGate, Usage, decide
+from captured.service.config import WatermarkConfig
 
 GB = 10**9
 CFG = WatermarkConfig(high_percent=75, low_percent=70, min_free_bytes=0)

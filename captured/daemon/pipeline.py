@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from . import frames
-from .config import Config, DataCaptureConfig, valid_name
-from .encode import LineEncoder
-from .logs import RateLimited
-from .sample import sample
-from .spool import Spool
-from .watermark import CaptureGate
+from captured.daemon.encode import LineEncoder
+from captured.daemon.sample import sample
+from captured.daemon.spool import Spool
+from captured.daemon.watermark import CaptureGate
+from captured.service.config import Config, DataCaptureConfig, valid_name
+from captured.service.logs import RateLimited
+from captured.wire import frames
 
 log = logging.getLogger("captured.pipeline")
 

@@ -42,10 +42,10 @@ from typing import Any, cast
 
 import msgspec
 
-from . import frames
-from .ledger import Ledger, Session
-from .logs import RateLimited
-from .pipeline import Pipeline
+from captured.daemon.ledger import Ledger, Session
+from captured.daemon.pipeline import Pipeline
+from captured.service.logs import RateLimited
+from captured.wire import frames
 
 log = logging.getLogger("captured.ingest")
 

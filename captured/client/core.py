@@ -34,8 +34,8 @@ from typing import Any
 
 import msgspec
 
-from . import frames
-from .record import BUFFER_FULL, CLOSED, REJECTED, RecordTuple
+from captured.client.record import BUFFER_FULL, CLOSED, REJECTED, RecordTuple
+from captured.wire import frames
 
 log = logging.getLogger("captured.client")
 

@@ -30,10 +30,8 @@ from typing import Any, cast
 
 import msgspec
 
-from . import frames
-from .clientcore import ClientCore, Waiter
-from .config import SIX_MIB
-from .record import (
+from captured.client.core import ClientCore, Waiter
+from captured.client.record import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BUFFER_BYTES,
     DEFAULT_LINGER_S,
@@ -41,6 +39,8 @@ from .record import (
     Body,
     prepare_record,
 )
+from captured.service.config import SIX_MIB
+from captured.wire import frames
 
 log = logging.getLogger("captured.aclient")
 

@@ -3,7 +3,7 @@ because of the daemon.
 
 `capture()` validates its arguments (programming errors raise `TypeError` / `ValueError`),
 appends one tuple to a bounded in-memory buffer (default 8 MiB) and returns. A background I/O
-thread sends the buffer in BATCH frames (see `captured.frames`) once a batch is full or
+thread sends the buffer in BATCH frames (see `captured.wire.frames`) once a batch is full or
 `linger_s` after its first record (so a model server calling `capture()` once per request
 costs no wake-up per call), reads acknowledgements and reconnects with capped backoff. When the
 buffer is full the record is dropped and counted (`buffer_full`); nothing ever waits on the
@@ -34,10 +34,8 @@ from typing import Any
 
 import msgspec
 
-from . import frames
-from .clientcore import ClientCore, Waiter
-from .config import SIX_MIB
-from .record import (
+from captured.client.core import ClientCore, Waiter
+from captured.client.record import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BUFFER_BYTES,
     DEFAULT_LINGER_S,
@@ -45,6 +43,8 @@ from .record import (
     Body,
     prepare_record,
 )
+from captured.service.config import SIX_MIB
+from captured.wire import frames
 
 log = logging.getLogger("captured.client")
 

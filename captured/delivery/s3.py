@@ -47,7 +47,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .config import S3Config
+from captured.service.config import S3Config
 
 log = logging.getLogger("captured.upload")
 
@@ -256,7 +256,7 @@ class S3Destination:
             raise classify(exc) from exc
 
     async def _put_object(self, path: str, key: str, size: int) -> None:
-        from .s3body import FilePart, crc32_of
+        from captured.delivery.s3body import FilePart, crc32_of
 
         crc32 = await asyncio.to_thread(crc32_of, path, 0, size)
         body = FilePart(path, 0, size)
@@ -303,7 +303,7 @@ class S3Destination:
     async def _part(
         self, path: str, key: str, upload_id: str, number: int, offset: int, length: int
     ) -> dict[str, Any]:
-        from .s3body import FilePart, crc32_of
+        from captured.delivery.s3body import FilePart, crc32_of
 
         async with self._parts:
             crc32 = await asyncio.to_thread(crc32_of, path, offset, length)

@@ -18,7 +18,7 @@ import zlib
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
-from .upload import UploadError
+from captured.delivery.s3 import UploadError
 
 CHUNK_BYTES = 1024 * 1024
 

@@ -5,7 +5,8 @@ section 2). Everything else is `captured`'s: where the socket and the spool live
 sealed and how large a frame may be.
 
 `load_config` layers its sources, lowest first: embedded defaults, a TOML file, a SageMaker JSON file holding
-a `DataCaptureConfig`, then command-line `Overrides` (the reading and merging is in `captured.configfile`).
+a `DataCaptureConfig`, then command-line `Overrides` (read and merged
+by `captured.service.configfile`).
 Only the merged result is validated, so an override can mend a bad file value. Every problem is collected
 and reported together (`ConfigError`), one line each:
 
@@ -23,10 +24,10 @@ from collections.abc import Callable, Collection, Mapping
 
 import msgspec
 
-from .configfile import SDK_CSV_CONTENT_TYPES as SDK_CSV_CONTENT_TYPES
-from .configfile import SDK_JSON_CONTENT_TYPES as SDK_JSON_CONTENT_TYPES
-from .configfile import Draft, gather, show, toml_document, unknown_key
-from .configfile import Overrides as Overrides
+from captured.service.configfile import SDK_CSV_CONTENT_TYPES as SDK_CSV_CONTENT_TYPES
+from captured.service.configfile import SDK_JSON_CONTENT_TYPES as SDK_JSON_CONTENT_TYPES
+from captured.service.configfile import Draft, gather, show, toml_document, unknown_key
+from captured.service.configfile import Overrides as Overrides
 
 KIB = 1024
 MIB = 1024 * KIB

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import spool
+from captured.daemon import spool
 
 log = logging.getLogger("captured.deliver")
 

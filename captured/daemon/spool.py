@@ -38,8 +38,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .config import SpoolConfig
-from .ledger import Ledger
+from captured.daemon.ledger import Ledger
+from captured.service.config import SpoolConfig
 
 log = logging.getLogger("captured.spool")
 

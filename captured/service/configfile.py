@@ -1,13 +1,13 @@
 """Configuration sources in and out: defaults, files and overrides gathered into a raw `Draft`, and TOML.
 
-`captured.config` validates the draft into the frozen `Config` tree; this module knows nothing of the rules,
-only where each raw value came from, so that a problem can name its file and a relative path can resolve
-against the directory of whoever wrote it:
+`captured.service.config` validates the draft into the frozen `Config` tree; this module knows
+nothing of the rules, only where each raw value came from, so that a problem can name its file and a
+relative path can resolve against the directory of whoever wrote it:
 
 - embedded defaults and `Overrides`: the working directory;
 - the TOML file and the JSON file holding SageMaker's `DataCaptureConfig`: the file's directory.
 
-Nothing here imports `captured.config`, which imports this module.
+Nothing here imports `captured.service.config`, which imports this module.
 """
 
 from __future__ import annotations

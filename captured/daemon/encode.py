@@ -27,9 +27,9 @@ from typing import NamedTuple
 import msgspec
 import orjson
 
-from .config import DataCaptureConfig
-from .frames import Record
-from .record import MAX_EPOCH_S
+from captured.client.record import MAX_EPOCH_S
+from captured.service.config import DataCaptureConfig
+from captured.wire.frames import Record
 
 CSV = "CSV"
 JSON = "JSON"

@@ -4,7 +4,7 @@ Moving a file to S3 is byte work (read, checksum, socket writes) plus botocore's
 Python. Run on the daemon's event loop, it took the loop from ingest: with 64 MiB files going up
 while clients sent at full speed, the daemon took half as many records per second (bench/README.md).
 So `S3Uploader`, the `deliver.Destination` the daemon uses for `s3://`, starts
-`python -m captured.uploader` and hands it one file at a time over a pipe; the child runs
+`python -m captured.delivery.uploader` and hands it one file at a time over a pipe; the child runs
 `upload.S3Destination` on an event loop of its own, at `s3.uploader_nice` (lower CPU priority),
 and answers with the outcome. Queueing, retries, counters and deleting the local file stay in the
 daemon (`deliver.Delivery`); the child keeps no state but its open uploads.
@@ -32,9 +32,9 @@ from typing import Any
 
 import msgspec
 
-from . import logs
-from .config import S3Config
-from .upload import S3Destination, UploadError, classify
+from captured.delivery.s3 import S3Destination, UploadError, classify
+from captured.service import logs
+from captured.service.config import S3Config
 
 log = logging.getLogger("captured.upload")
 
@@ -153,7 +153,7 @@ class S3Uploader:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "captured.uploader",
+            "captured.delivery.uploader",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )

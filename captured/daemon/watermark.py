@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import psutil
 
-from .config import WatermarkConfig
+from captured.service.config import WatermarkConfig
 
 log = logging.getLogger("captured.watermark")
 

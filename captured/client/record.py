@@ -12,8 +12,8 @@ from typing import Any
 
 import msgspec
 
-from . import frames
-from .config import valid_name
+from captured.service.config import valid_name
+from captured.wire import frames
 
 Body = bytes | bytearray | memoryview | str | None
 RecordTuple = tuple[Any, ...]

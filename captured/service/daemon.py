@@ -29,18 +29,19 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from . import __version__, systemd
-from .config import Config
-from .deliver import Delivery, LocalDestination, scan_spool
-from .ingest import IngestServer
-from .ledger import Ledger
-from .pipeline import Pipeline
-from .spool import PART, SEALED, Spool, ThreadSyncer, object_key, recover_part
-from .uploader import S3Uploader
-from .watermark import CaptureGate
+from captured import __version__
+from captured.daemon.ingest import IngestServer
+from captured.daemon.ledger import Ledger
+from captured.daemon.pipeline import Pipeline
+from captured.daemon.spool import PART, SEALED, Spool, ThreadSyncer, object_key, recover_part
+from captured.daemon.watermark import CaptureGate
+from captured.delivery.queue import Delivery, LocalDestination, scan_spool
+from captured.delivery.uploader import S3Uploader
+from captured.service import systemd
+from captured.service.config import Config
 
 if TYPE_CHECKING:
-    from .metrics import MetricsServer
+    from captured.service.metrics import MetricsServer
 
 log = logging.getLogger("captured.daemon")
 
@@ -97,7 +98,7 @@ class Daemon:
         )
         self.metrics: MetricsServer | None = None
         if cfg.metrics.address:
-            from .metrics import MetricsServer  # prometheus-client is loaded only when used
+            from captured.service.metrics import MetricsServer  # prometheus-client is loaded only when used
 
             self.metrics = MetricsServer(cfg.metrics.address, self.status)
         self._stop = asyncio.Event()

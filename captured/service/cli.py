@@ -9,8 +9,9 @@ import socket
 import sys
 from typing import Any
 
-from . import __version__, frames
-from .config import Config, ConfigError, Overrides, load_config, render_toml
+from captured import __version__
+from captured.service.config import Config, ConfigError, Overrides, load_config, render_toml
+from captured.wire import frames
 
 EXIT_INVALID = 2
 
@@ -71,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg = _load(args)
     except ConfigError as err:
         return _report(err)
-    from . import daemon, logs
+    from captured.service import daemon, logs
 
     logs.configure(args.log_level)
 

@@ -1,0 +1,3 @@
+"""The service shell: configuration, the command line, the daemon's orchestration,
+systemd integration, status, metrics and logs.
+"""
