@@ -41,12 +41,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import psutil
-from data import PAYLOAD_SIZES, Pair, payloads
 from ingest import format_table, machine
 from servers import CapturedServer
 
 from captured.client.record import DEFAULT_BUFFER_BYTES
 from captured.client.sync import CaptureClient
+from captured.testing.data import PAYLOAD_SIZES, Pair, payloads
 
 CONTENT_TYPE = "text/csv"
 SLOW_NS = 1_000_000

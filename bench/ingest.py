@@ -34,11 +34,12 @@ from typing import Any
 
 import psutil
 import pyspy
-from data import PAYLOAD_SIZES, body_bytes, payloads
 from senders import run_sender
 from servers import MAX_FILE_AGE_S, SYSTEMS, CapturedS3Server, CapturedServer, Server
 
-TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
+from captured.testing.data import PAYLOAD_SIZES, body_bytes, payloads
+from captured.testing.s3 import MotoServer
+from captured.testing.s3sink import SinkServer
 
 POLL_S = 0.02
 FLUSH_TIMEOUT_S = 120.0
@@ -68,8 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["moto", "sink"],
         default="moto",
         help="with --s3: the local S3-compatible server: moto (default; faithful, about 8 CPU s per "
-        "GB it stores) or sink (bench/s3sink.py: objects in memory, aiohttp, CRC32 checked, about 3 "
-        "CPU s per GB)",
+        "GB it stores) or sink (captured/testing/s3sink.py: objects in memory, aiohttp, CRC32 "
+        "checked, about 3 CPU s per GB)",
     )
     p.add_argument(
         "--s3-server-priority",
@@ -482,10 +483,6 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
     with contextlib.ExitStack() as stack:
         if args.s3:
-            sys.path.insert(0, str(TESTS_DIR))
-            from s3fixtures import MotoServer
-            from s3sink import SinkServer
-
             server_class = SinkServer if args.s3_server == "sink" else MotoServer
             moto = server_class(max_lifetime=args.timeout * args.repeat + 600).start()
             stack.callback(moto.stop)

@@ -3,8 +3,9 @@
 One `captured serve` (bench/servers.py, `file://` destination, 100 % sampling) runs for the whole
 script. For each rate, a fresh sender process (multiprocessing, spawn) runs a paced loop for
 `--seconds`: it sleeps until each record's absolute deadline (no busy-wait), takes a 250-byte CSV
-pair from data.py and calls `capture()`. The baseline is the same loop in the same kind of process
-without the call; baseline and capture alternate `--repeat` times and the medians are reported.
+pair from captured/testing/data.py and calls `capture()`. The baseline is the same loop in the
+same kind of process without the call; baseline and capture alternate `--repeat` times and the
+medians are reported.
 
 A capture run first sends 100 warm-up records and flushes them (connection made, code warm). Over
 the paced loop (and, for capture, the final `flush()`), the sender measures its own CPU time
@@ -45,13 +46,13 @@ from array import array
 from typing import Any
 
 import psutil
-from data import DISTINCT, Pair, payloads
 from ingest import format_table, machine
 from servers import CapturedServer
 
 from captured.client.aio import AsyncCaptureClient
 from captured.client.sync import CaptureClient
 from captured.service.cli import query_status
+from captured.testing.data import DISTINCT, Pair, payloads
 
 CONTENT_TYPE = "text/csv"
 PAYLOAD_BYTES = 250

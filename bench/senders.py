@@ -16,7 +16,7 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
 from typing import Any
 
-from data import DISTINCT, payloads
+from captured.testing.data import DISTINCT, payloads
 
 #: Records per `sendall` for the naive sender.
 NAIVE_CHUNK = 256

@@ -233,7 +233,7 @@ class CapturedServer(Server):
 class CapturedS3Server(CapturedServer):
     """`captured` delivering to a bucket on a local S3-compatible server.
 
-    The bench sets `CapturedS3Server.moto` (a started `MotoServer` from tests/s3fixtures.py)
+    The bench sets `CapturedS3Server.moto` (a started `captured.testing.s3.MotoServer`)
     before the first run; each run resets it, so a run counts only its own objects.
     """
 

@@ -1,7 +1,7 @@
 """Stage micro-benchmarks: each step of the hot path alone, in this process, on one batch.
 
 So that a regression in `bench/ingest.py` can be located. Each stage runs on the same seeded
-batch (`data.py`, ~250-byte CSV requests by default) and is timed as the median of `--repeat`
+batch (`captured/testing/data.py`, ~250-byte CSV requests by default) and is timed as the median of `--repeat`
 runs; beside it, a baseline doing the same job the obvious way with the standard library:
 
   client encode  prepare_record + batch_frames (what CaptureClient does per record)
@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from data import PAYLOAD_SIZES, payloads
 
 from captured.client.record import batch_frames, prepare_record
 from captured.daemon.encode import LineEncoder
@@ -55,6 +54,7 @@ from captured.service.config import (
     SpoolConfig,
 )
 from captured.service.daemon import tune_malloc
+from captured.testing.data import PAYLOAD_SIZES, payloads
 from captured.wire import frames
 
 DCC = DataCaptureConfig(

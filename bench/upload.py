@@ -1,6 +1,6 @@
 """S3 upload benchmark: captured's uploader against boto3's `upload_file` (s3transfer), same server.
 
-One moto server on loopback (tests/s3fixtures.py: MotoServer) and one set of files of JSON-lines
+One moto server on loopback (captured.testing.s3.MotoServer) and one set of files of JSON-lines
 data. Each round uploads the same files twice, the bucket emptied (server reset) in between:
 
 * captured: what the daemon runs, `Delivery(S3Uploader(...), workers=4)` with the default
@@ -36,9 +36,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
 # Dummy credentials before any client exists; never probe instance metadata or ~/.aws.
 os.environ.update(
     AWS_ACCESS_KEY_ID="testing",
@@ -60,12 +57,13 @@ import uvloop  # noqa: E402
 from boto3.s3.transfer import TransferConfig  # noqa: E402
 from botocore.config import Config  # noqa: E402
 from ingest import machine  # noqa: E402
-from s3fixtures import MotoServer  # noqa: E402
 
 from captured.daemon.spool import object_key  # noqa: E402
 from captured.delivery.queue import Delivery  # noqa: E402
 from captured.delivery.uploader import S3Uploader  # noqa: E402
 from captured.service.config import S3Config  # noqa: E402
+from captured.testing.delivery import running  # noqa: E402
+from captured.testing.s3 import MotoServer  # noqa: E402
 
 MIB = 1024 * 1024
 MB = 1_000_000
@@ -149,19 +147,16 @@ def run_captured(server: MotoServer, paths: list[Path], workdir: Path) -> dict[s
         assert destination.pid is not None
         child = psutil.Process(destination.pid)
         delivery = Delivery(destination, workers=FILE_WORKERS)
-        try:
+        async with running(delivery, own_prefix=f"{PREFIX}-none/"):  # nothing to tidy there
             cpu0, child0, t0 = time.process_time(), child_cpu(child), time.perf_counter()
-            delivery.start()
             for copy in copies:
                 delivery.submit(str(copy), copy.stat().st_size)
             drained = await delivery.drain(DRAIN_TIMEOUT_S)
             wall = time.perf_counter() - t0
             cpu = time.process_time() - cpu0 + child_cpu(child) - child0
-        finally:
-            await delivery.stop()
-        stats = delivery.stats()
-        return {"wall_s": wall, "cpu_s": cpu, "drained": drained, "retries": stats["retries"],
-                "failures": stats["failures"]}  # fmt: skip
+        stats = delivery.statistics()
+        return {"wall_s": wall, "cpu_s": cpu, "drained": drained, "retries": stats.retries,
+                "failures": stats.failures}  # fmt: skip
 
     try:
         return uvloop.run(main())

@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 
 import pytest
 import uvloop
-from conftest import DaemonProcess
 
 from captured.client.aio import AsyncCaptureClient
+from captured.testing.daemon import DaemonProcess
 
 T = TypeVar("T")
 

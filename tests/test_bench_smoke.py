@@ -5,6 +5,9 @@ file destination, then with S3 delivery to a local moto server) and the naive ba
 pushes 2000 records into each, stops them and counts the lines they wrote (on disk, or in the
 bucket). The script must exit 0 and report, for every system, every record received, written and
 found.
+
+Every test here runs a script of bench/ and is marked `bench`: the default run leaves them out,
+`python -m pytest -m bench` runs them (as .ci/run does).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+pytestmark = pytest.mark.bench
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 BENCH = BENCH_DIR / "ingest.py"
@@ -108,62 +113,13 @@ def test_spool_write_bench_runs_both_modes(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 def test_ingest_bench_with_the_s3_sink() -> None:
-    """`bench/ingest.py --s3 --s3-server sink`: captured delivers to bench/s3sink.py, and every line
+    """`bench/ingest.py --s3 --s3-server sink`: captured delivers to captured.testing.s3sink, and every line
     is found again in that server's bucket."""
     args = ["-n", str(RECORDS), "--senders", "1", "--only", "captured", "--s3", "--s3-server", "sink"]
     doc = run_bench("ingest.py", *args, "--no-prewarm")
     assert doc["params"]["s3_server"] == "sink"
     result = doc["results"]["captured-s3"]
     assert result["ok"] and result["lines_verified"] == RECORDS, result
-
-
-def test_s3_sink_answers_what_the_uploader_and_the_bench_ask() -> None:
-    """The sink's S3 subset through boto3: buckets, objects with a CRC32 checked, multipart uploads
-    completed and aborted, listings, reads, reset."""
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        from s3sink import SinkServer
-    finally:
-        sys.path.pop(0)
-    from botocore.exceptions import ClientError
-
-    server = SinkServer().start()
-    try:
-        s3 = server.boto3_client()
-        s3.create_bucket(Bucket="b")
-        s3.put_object(Bucket="b", Key="e/v/2021/one.jsonl", Body=b"a\nb\n", ChecksumAlgorithm="CRC32")
-        with pytest.raises(ClientError, match="BadDigest"):
-            s3.put_object(Bucket="b", Key="bad", Body=b"x", ChecksumCRC32="AAAAAA==")
-        parts = []
-        mpu = s3.create_multipart_upload(Bucket="b", Key="e/v/2021/two.jsonl")
-        for number, body in ((1, b"1\n" * 1000), (2, b"2\n" * 10)):
-            kw = {"Bucket": "b", "Key": "e/v/2021/two.jsonl", "UploadId": mpu["UploadId"]}
-            etag = s3.upload_part(**kw, PartNumber=number, Body=body, ChecksumAlgorithm="CRC32")["ETag"]
-            parts.append({"PartNumber": number, "ETag": etag})
-        aborted = s3.create_multipart_upload(Bucket="b", Key="left")
-        assert {u["Key"] for u in s3.list_multipart_uploads(Bucket="b")["Uploads"]} == {
-            "e/v/2021/two.jsonl",
-            "left",
-        }
-        s3.abort_multipart_upload(Bucket="b", Key="left", UploadId=aborted["UploadId"])
-        s3.complete_multipart_upload(
-            Bucket="b", Key="e/v/2021/two.jsonl", UploadId=mpu["UploadId"], MultipartUpload={"Parts": parts}
-        )
-        assert "Uploads" not in s3.list_multipart_uploads(Bucket="b")
-        listing = s3.list_objects_v2(Bucket="b", Prefix="e/")["Contents"]
-        assert [(o["Key"], o["Size"]) for o in listing] == [
-            ("e/v/2021/one.jsonl", 4),
-            ("e/v/2021/two.jsonl", 2020),
-        ]
-        assert (
-            s3.get_object(Bucket="b", Key="e/v/2021/two.jsonl")["Body"].read() == b"1\n" * 1000 + b"2\n" * 10
-        )
-        assert s3.head_object(Bucket="b", Key="e/v/2021/one.jsonl")["ContentLength"] == 4
-        server.reset()
-        with pytest.raises(ClientError):
-            s3.list_objects_v2(Bucket="b")
-    finally:
-        server.stop()
 
 
 @pytest.mark.timeout(120)

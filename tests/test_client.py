@@ -7,10 +7,10 @@ import os
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess
 
 from captured import CaptureClient
 from captured.client.record import prepare_record
+from captured.testing.daemon import DaemonProcess
 
 
 def prep(**kw: Any) -> tuple[Any, ...]:

@@ -1,14 +1,22 @@
-"""Loading, validating and rendering the configuration (captured.service.config, captured.service.configfile)."""
+"""Loading, validating and rendering the configuration (captured.service.config, captured.service.configfile),
+the declarations it is checked against (configcheck, settings, datacapture), the README table rendered from
+them, and `captured check`'s look at the host."""
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
+import msgspec.inspect as mi
 import pytest
 
-from captured.service import configfile
+from captured.service import configcheck
+from captured.service.cli import main
 from captured.service.config import (
     CONTENT_TYPE_PATTERN,
     NAME_PATTERN,
@@ -21,6 +29,7 @@ from captured.service.config import (
     Overrides,
     SpoolConfig,
     load_config,
+    readme_table,
     render_toml,
     valid_name,
 )
@@ -690,11 +699,6 @@ def test_config_error_str_is_the_problems_one_per_line() -> None:
     assert str(error) == "a = 1: bad\nb = 2: worse"
 
 
-def test_configfile_key_lists_follow_the_structs() -> None:
-    assert Config.__struct_fields__ == configfile.TOP_LEVEL_KEYS
-    assert set(configfile.DATA_CAPTURE_KEYS) == set(DataCaptureConfig.__struct_fields__)
-
-
 def test_loaded_config_holds_tuples(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path / "c.toml", ISSUE_TOML), environ=ENV, cwd=str(tmp_path))
     header = cfg.DataCaptureConfig.CaptureContentTypeHeader
@@ -761,3 +765,259 @@ def test_render_toml_reads_like_the_issue_example() -> None:
     assert 'CaptureOptions = [{ CaptureMode = "Input" }, { CaptureMode = "Output" }]\n' in text
     assert '\n[DataCaptureConfig.CaptureContentTypeHeader]\nCsvContentTypes = ["text/csv"]\n' in text
     assert "\n[spool]\nmax_file_age_s = 60.0\n" in text
+
+
+# --- declared once: every rule from the field's Meta, the README table from the same declarations --------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def declared(struct: type[msgspec.Struct], prefix: str = "") -> Iterator[tuple[str, configcheck.Spec]]:
+    """Every field of the tree as (dotted key, declaration), tables walked into."""
+    for field in configcheck.fields(struct):
+        spec = configcheck.spec(field.name, field.type)
+        yield prefix + field.name, spec
+        if isinstance(spec.type, mi.StructType):
+            yield from declared(spec.type.cls, f"{prefix}{field.name}.")
+
+
+def test_every_setting_is_described() -> None:
+    undescribed = [
+        key
+        for key, spec in declared(Config)
+        if not spec.description and not (isinstance(spec.type, mi.StructType) and not spec.optional)
+    ]
+    assert undescribed == []  # a table such as [spool] needs none: its keys have rows
+
+
+def test_readme_table_is_the_one_rendered_from_the_declarations() -> None:
+    """Regenerate with `python -m captured.service.config README.md` after changing a declaration."""
+    assert configcheck.block(README.read_text(encoding="utf-8")) == readme_table()
+
+
+def test_readme_table_has_a_row_for_every_setting_and_no_other() -> None:
+    rows = {line.split(" | ")[0].removeprefix("| ").strip("`") for line in readme_table()[2:]}
+    settings = {key for key, spec in declared(Config) if spec.description}
+    assert rows == settings
+    assert "ingest.max_buffered_bytes" in rows  # was missing from the hand-written table
+
+
+def test_readme_table_shows_defaults_and_ranges() -> None:
+    rows = {line.split(" | ")[0].removeprefix("| ").strip("`"): line for line in readme_table()}
+    assert rows["spool.max_open_files"].startswith(
+        "| `spool.max_open_files` | `64` | an integer from 1 to 4096 | spool files open at once"
+    )
+    assert (
+        "| `67108864` (64 MiB) | an integer from 12648448 to 17179869184 |"
+        in rows["ingest.max_buffered_bytes"]
+    )
+    assert "| `0o660` |" in rows["ingest.socket_mode"]
+    assert "| `100` | required in `[DataCaptureConfig]`; an integer from 0 to 100 |" in rows[PCT]
+    assert "each a media type such as text/csv" in rows[f"{HDR}.CsvContentTypes"]
+
+
+def test_rendering_the_readme_table_replaces_only_the_block() -> None:
+    text = f"before\n{configcheck.BLOCK_BEGIN}\nold row\n{configcheck.BLOCK_END}\nafter\n"
+    out = configcheck.replace_block(text, ["| a |", "| b |"])
+    assert out == f"before\n{configcheck.BLOCK_BEGIN}\n| a |\n| b |\n{configcheck.BLOCK_END}\nafter\n"
+    with pytest.raises(ValueError, match="block"):
+        configcheck.replace_block("no markers\n", [])
+
+
+def test_readme_sample_configuration_is_valid(tmp_path: Path) -> None:
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Configuration") :]
+    sample = re.search(r"```toml\n(.*?)```", section, re.DOTALL)
+    assert sample is not None
+    cfg = load_config(write(tmp_path / "sample.toml", sample.group(1)), environ=ENV, cwd=str(tmp_path))
+    assert cfg.endpoint_name == "churn-endpoint"
+
+
+def numeric_settings() -> Iterator[tuple[str, mi.IntType | mi.FloatType]]:
+    for key, spec in declared(Config):
+        if isinstance(spec.type, mi.IntType | mi.FloatType) and "parse" not in spec.extra and "." in key:
+            yield key, spec.type
+
+
+def bounds(t: mi.IntType | mi.FloatType) -> Iterator[tuple[float, bool]]:
+    """(value, accepted) on both sides of each bound."""
+    step = 1 if isinstance(t, mi.IntType) else 0.01
+    for inclusive, exclusive, sign in ((t.ge, t.gt, -1), (t.le, t.lt, 1)):
+        if inclusive is not None:
+            yield inclusive, True
+            yield inclusive + sign * step, False
+        if exclusive is not None:
+            yield exclusive, False
+            yield exclusive - sign * step, True
+
+
+@pytest.mark.parametrize(("setting", "declared_type"), list(numeric_settings()), ids=lambda x: str(x)[:40])
+def test_every_declared_bound_is_enforced(
+    tmp_path: Path, setting: str, declared_type: mi.IntType | mi.FloatType
+) -> None:
+    """The one generic walk checks what the field's Meta declares, on both sides of every bound."""
+    other = {"watermark.high_percent": "low_percent = 0", "watermark.low_percent": "high_percent = 100"}
+    for value, accepted in bounds(declared_type):
+        toml = toml_with(setting, repr(value))
+        if setting in other:  # the pair must also keep low below high
+            toml = toml.replace("[watermark]\n", f"[watermark]\n{other[setting]}\n")
+        if accepted:
+            load_config(write(tmp_path / "config.toml", toml), environ=ENV, cwd=str(tmp_path))
+        else:
+            problems = problems_of(tmp_path, toml)
+            assert len(problems) == 1 and problems[0].startswith(f"config.toml: {setting} = "), problems
+
+
+def test_default_low_percent_must_be_below_a_lower_high_percent(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, toml_with("watermark.high_percent", "50"))
+    assert problems == [
+        "config.toml: watermark.low_percent = 70.0: must be a percentage from 0 to below high_percent (50)"
+    ]
+
+
+def test_a_refused_high_percent_is_not_blamed_on_low_percent(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, toml_with("watermark.high_percent", "101"))
+    assert [p.split(" = ")[0] for p in problems] == ["config.toml: watermark.high_percent"]
+
+
+# --- captured check: what serve would fail on at start, on this host ------------------------------------
+
+NO_GROUP = "captured-no-such-grp"
+
+
+def host_toml(socket_path: str = "c.sock", spool_dir: str = "spool", ingest: str = "") -> str:
+    """BASE as TOML with these paths (relative: to the file's directory) and [ingest] lines."""
+    text = f'socket_path = "{socket_path}"\nspool_dir = "{spool_dir}"\n' + toml_with(
+        "endpoint_name", '"churn"'
+    )
+    return text + (f"[ingest]\n{ingest}\n" if ingest else "")
+
+
+def host_problems(base: Path, toml: str) -> list[str]:
+    """The problems `captured check` finds in `toml` written to `base`/config.toml."""
+    write(base / "config.toml", toml)
+    with pytest.raises(ConfigError) as info:
+        load_config("config.toml", environ=ENV, cwd=str(base), check_host=True)
+    return info.value.problems
+
+
+def test_check_host_refuses_an_unknown_socket_group(short_tmp: Path) -> None:
+    try:
+        grp.getgrnam(NO_GROUP)
+        pytest.skip(f"this host has a group named {NO_GROUP}")
+    except KeyError:
+        pass
+    toml = host_toml(socket_path="run/c.sock", ingest=f'socket_group = "{NO_GROUP}"')
+    assert host_problems(short_tmp, toml) == [
+        f"config.toml: ingest.socket_group = '{NO_GROUP}': no such group on this host"
+    ]
+    assert not (short_tmp / "run").exists() and not (short_tmp / "spool").exists()  # nothing created
+    load_config("config.toml", environ=ENV, cwd=str(short_tmp))  # `serve`'s validation alone passes
+
+
+def test_check_host_takes_an_existing_group_and_a_gid(short_tmp: Path) -> None:
+    group = grp.getgrgid(os.getgid()).gr_name
+    for literal in (f'"{group}"', "4000000000"):
+        toml = host_toml(socket_path="run/c.sock", ingest=f"socket_group = {literal}")
+        write(short_tmp / "config.toml", toml)
+        load_config("config.toml", environ=ENV, cwd=str(short_tmp), check_host=True)
+
+
+def test_check_host_refuses_a_spool_dir_that_is_a_file(short_tmp: Path) -> None:
+    (short_tmp / "spool").write_text("not a directory")
+    toml = host_toml()
+    assert host_problems(short_tmp, toml) == [
+        f"config.toml: spool_dir = '{short_tmp}/spool': exists and is not a directory"
+    ]
+
+
+def test_check_host_refuses_a_spool_dir_under_a_file(short_tmp: Path) -> None:
+    """A path under a regular file cannot be created, for root too (permission bits stop nobody there)."""
+    (short_tmp / "file").write_text("")
+    toml = host_toml(spool_dir="file/spool")
+    assert host_problems(short_tmp, toml) == [
+        f"config.toml: spool_dir = '{short_tmp}/file/spool': cannot be created: {short_tmp}/file is not a directory"
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes whatever the permission bits say")
+def test_check_host_refuses_a_spool_dir_not_writable(short_tmp: Path) -> None:
+    (short_tmp / "spool").mkdir(mode=0o555)
+    (short_tmp / "ro").mkdir(mode=0o555)
+    try:
+        assert host_problems(short_tmp, host_toml()) == [
+            f"config.toml: spool_dir = '{short_tmp}/spool': is not writable by this user (uid {os.geteuid()})"
+        ]
+        assert host_problems(short_tmp, host_toml(spool_dir="ro/spool")) == [
+            f"config.toml: spool_dir = '{short_tmp}/ro/spool': cannot be created: {short_tmp}/ro is not writable"
+            f" by this user (uid {os.geteuid()})"
+        ]
+    finally:
+        (short_tmp / "spool").chmod(0o755)
+        (short_tmp / "ro").chmod(0o755)
+
+
+def test_check_host_refuses_a_socket_directory_that_cannot_be_created(short_tmp: Path) -> None:
+    (short_tmp / "file").write_text("")
+    toml = host_toml(socket_path="file/run/c.sock")
+    assert host_problems(short_tmp, toml) == [
+        f"config.toml: socket_path = '{short_tmp}/file/run/c.sock': its directory {short_tmp}/file/run"
+        f" cannot be created: {short_tmp}/file is not a directory"
+    ]
+    toml = host_toml(socket_path="file/c.sock")
+    assert host_problems(short_tmp, toml) == [
+        f"config.toml: socket_path = '{short_tmp}/file/c.sock': its directory {short_tmp}/file"
+        " exists and is not a directory"
+    ]
+
+
+def test_check_host_refuses_a_socket_path_that_is_no_socket(short_tmp: Path) -> None:
+    (short_tmp / "c.sock").write_text("")
+    toml = host_toml()
+    assert host_problems(short_tmp, toml) == [
+        f"config.toml: socket_path = '{short_tmp}/c.sock': exists and is not a socket:"
+        " the daemon refuses to replace it"
+    ]
+
+
+def test_check_host_refuses_a_local_destination_that_cannot_be_created(short_tmp: Path) -> None:
+    (short_tmp / "file").write_text("")
+    toml = host_toml().replace('"s3://my-bucket/capture"', '"file/out"')
+    assert host_problems(short_tmp, toml) == [
+        f"config.toml: {DEST} = 'file/out': the directory cannot be created: {short_tmp}/file is not a directory"
+    ]
+
+
+def test_captured_check_reports_host_problems_with_the_others(
+    short_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Step by step: a config with a bad sampling percentage, a spool path that is a file and a socket
+    directory under a file. `captured check` prints all three like any config problem and exits 2,
+    creating nothing; `captured serve`'s validation alone sees only the percentage."""
+    (short_tmp / "file").write_text("")
+    toml = host_toml(socket_path="file/run/c.sock", spool_dir="file").replace(
+        "InitialSamplingPercentage = 20", "InitialSamplingPercentage = 101"
+    )
+    config = write(short_tmp / "config.toml", toml)
+    assert main(["check", "--config", config]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" = ")[0] for line in lines] == [
+        f"captured: invalid configuration: {config}: socket_path",
+        f"captured: invalid configuration: {config}: spool_dir",
+        f"captured: invalid configuration: {config}: {PCT}",
+    ]
+    assert "cannot be created" in lines[0] and "exists and is not a directory" in lines[1]
+    assert sorted(p.name for p in short_tmp.iterdir()) == ["config.toml", "file"]
+    with pytest.raises(ConfigError) as info:
+        load_config(config, environ=ENV)
+    assert [p.split(" = ")[0] for p in info.value.problems] == [f"{config}: {PCT}"]
+
+
+def test_captured_check_passes_a_host_that_can_serve(
+    short_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write(short_tmp / "config.toml", host_toml(socket_path="run/c.sock"))
+    assert main(["check", "--config", config]) == 0
+    out = capsys.readouterr()
+    assert f'spool_dir = "{short_tmp}/spool"' in out.out and "configuration OK" in out.err
+    assert not (short_tmp / "spool").exists()

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, read_error, wait_for
 
 from captured import CaptureClient
 from captured.service.cli import query_status
+from captured.testing.daemon import DaemonProcess, read_error, wait_for
 from captured.wire import frames
 
 UTC = dt.UTC
@@ -384,7 +384,7 @@ def test_protocol_violations_close_only_that_connection(
     good.capture(**csv_pair(2))
     assert good.flush()
     status = daemon.status()
-    assert status["ingest"]["protocol_errors"] == {reason: 1}
+    assert status["ingest"]["connections_closed"] == {reason: 1}
     assert status["counters"]["written"] == 2
     good.close()
 
@@ -560,10 +560,15 @@ def test_a_stalled_daemon_never_blocks_the_caller(daemon: DaemonProcess) -> None
     client.close()
 
 
-def test_the_sample_service_config_is_valid() -> None:
+def test_the_sample_service_config_is_valid(short_tmp: Path) -> None:
+    """Every value of the shipped file is valid. `check` also looks at this host, where the
+    service's paths (/run/captured, /var/lib/captured) need not be creatable by whoever runs the
+    tests: those three are pointed at a scratch directory, and the file says the rest."""
     sample = Path(__file__).resolve().parent.parent / "systemd" / "captured.toml"
+    host = ["--socket", str(short_tmp / "c.sock"), "--spool-dir", str(short_tmp / "spool")]
+    host += ["--destination", f"file://{short_tmp / 'out'}"]
     out = subprocess.run(
-        [sys.executable, "-m", "captured", "check", "--config", str(sample)],
+        [sys.executable, "-m", "captured", "check", "--config", str(sample), *host],
         capture_output=True,
         text=True,
         timeout=30,
@@ -639,7 +644,7 @@ def test_deeply_nested_payload_is_a_counted_protocol_error(daemon: DaemonProcess
         s.sendall(frames.frame(frames.Kind.BATCH, nested))
         assert "undecodable" in read_error(s)
     status = daemon.status()
-    assert sum(status["ingest"]["protocol_errors"].values()) == 1
+    assert sum(status["ingest"]["connections_closed"].values()) == 1
 
 
 def test_data_sent_just_after_sigterm_on_an_idle_connection_is_kept(daemon: DaemonProcess) -> None:
@@ -738,3 +743,45 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_record_and_tears_no_line
     assert confirmed and confirmed <= set(ids)
     assert sorted(ids) == accepted
     assert {p.name for p in d.spool_dir.iterdir()} == {".lock", ".journal"}
+
+
+def test_a_task_that_fails_of_a_bug_ends_the_daemon_loudly_and_loses_nothing(daemon_factory: Any) -> None:
+    """A long-lived task dies of a bug (here the tick's spool rotation raises, injected into a
+    real `captured serve` process): the daemon does not go on half-alive, it logs the traceback
+    at CRITICAL and exits 70 (systemd's Restart=on-failure restarts it). The records it had
+    acknowledged are in the spool, and the next start recovers and delivers every one."""
+    d = daemon_factory(extra_toml="[spool]\nmax_file_age_s = 3600\n")
+    d.write_config()
+    boom = d.root / "boom"
+    code = (
+        "import os, sys\n"
+        "from captured.daemon.spool import Spool\n"
+        "tick = Spool.tick\n"
+        "def failing_tick(self):\n"
+        f"    if os.path.exists({str(boom)!r}):\n"
+        "        raise RuntimeError('injected: a bug in a long-lived task')\n"
+        "    return tick(self)\n"
+        "Spool.tick = failing_tick\n"
+        "from captured.service.cli import main\n"
+        f"sys.exit(main(['serve', '--config', {str(d.config_path)!r}]))\n"
+    )
+    log = open(d.stderr_path, "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=log)
+    try:
+        wait_for(lambda: os.path.exists(d.socket_path) and d.status(), timeout=15)
+        with CaptureClient(d.socket_path) as client:
+            for i in range(50):
+                assert client.capture(f"{i}\n", None, request_content_type="text/csv", inference_id=str(i))
+            assert client.flush(timeout=10)
+        boom.touch()
+        assert proc.wait(timeout=15) == 70
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = d.log()
+    assert "CRITICAL" in text and "the daemon failed and stops" in text
+    assert "RuntimeError: injected: a bug in a long-lived task" in text
+    d.start()
+    d.stop()
+    assert sorted(int(r["eventMetadata"]["inferenceId"]) for r in d.delivered_lines()) == list(range(50))

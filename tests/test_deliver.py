@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from captured.delivery.queue import Delivery, LocalDestination, file_uri_path, scan_spool
+from captured.daemon.recovery import scan_spool
+from captured.delivery.local import LocalDestination, file_uri_path, local_error
+from captured.delivery.queue import Delivery, DeliveryStats
+from captured.errors import DeliveryError, LocalDeliveryError, UploadError
+from captured.testing.delivery import running
 
 NAME = "ep.AllTraffic.2021-05-18-00.28-04-146-08d6d8b9-c7ac-4427-93a1-5eece415565d.jsonl"
 KEY = "ep/AllTraffic/2021/05/18/00/28-04-146-08d6d8b9-c7ac-4427-93a1-5eece415565d.jsonl"
@@ -25,11 +32,10 @@ def test_file_uri_path() -> None:
 def _deliver(spool: Path, dest: Path, names: list[str]) -> Delivery:
     async def go() -> Delivery:
         d = Delivery(LocalDestination(f"file://{dest}"))
-        d.start()
-        for n in names:
-            d.submit(str(spool / n), (spool / n).stat().st_size)
-        assert await d.drain(10)
-        await d.stop()
+        async with running(d):
+            for n in names:
+                d.submit(str(spool / n), (spool / n).stat().st_size)
+            assert await d.drain(10)
         return d
 
     return asyncio.run(go())
@@ -42,7 +48,7 @@ def test_same_filesystem_is_a_rename(tmp_path: Path) -> None:
     d = _deliver(spool, dest, [NAME])
     assert (dest / KEY).read_bytes() == b'{"a":1}\n'
     assert list(spool.iterdir()) == []
-    assert d.stats()["files_delivered"] == 1 and d.stats()["files_waiting"] == 0
+    assert d.statistics().files_delivered == 1 and d.statistics().files_waiting == 0
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs a second filesystem (tmpfs)")
@@ -71,23 +77,22 @@ def test_a_failing_destination_keeps_the_file_and_retries(tmp_path: Path) -> Non
     blocker = dest / "ep"
     blocker.write_text("not a directory")
 
-    async def go() -> dict[str, float | int]:
+    async def go() -> DeliveryStats:
         d = Delivery(LocalDestination(f"file://{dest}"))
         d.RETRY_MIN_S = 0.05
-        d.start()
-        d.submit(str(spool / NAME), 2)
-        await asyncio.sleep(0.3)
-        stats = d.stats()
-        assert (spool / NAME).exists() and stats["retries"] >= 1
-        assert stats["failures"] == {"enotdir": stats["retries"]}
-        blocker.unlink()
-        assert await d.drain(10)
-        await d.stop()
-        return d.stats()
+        async with running(d):
+            d.submit(str(spool / NAME), 2)
+            await asyncio.sleep(0.3)
+            stats = d.statistics()
+            assert (spool / NAME).exists() and stats.retries >= 1
+            assert stats.failures == {"enotdir": stats.retries}
+            blocker.unlink()
+            assert await d.drain(10)
+        return d.statistics()
 
     stats = asyncio.run(go())
     assert (dest / KEY).read_bytes() == b"1\n"
-    assert stats["files_delivered"] == 1 and stats["files_waiting"] == 0
+    assert stats.files_delivered == 1 and stats.files_waiting == 0
 
 
 def test_a_full_destination_is_counted_as_disk_full_and_retried(tmp_path: Path, small_fs: Any) -> None:
@@ -101,24 +106,23 @@ def test_a_full_destination_is_counted_as_disk_full_and_retried(tmp_path: Path, 
     dest = small_fs(tmp_path / "small", "64k")
     (spool / NAME).write_bytes(b"y" * 99 + b"\n" + b"x\n" * 100_000)
 
-    async def go() -> dict[str, Any]:
+    async def go() -> DeliveryStats:
         d = Delivery(LocalDestination(f"file://{dest}"))
         d.RETRY_MIN_S = 0.05
-        d.start()
-        d.submit(str(spool / NAME), (spool / NAME).stat().st_size)
-        await asyncio.sleep(0.3)
-        stats = d.stats()
-        assert set(stats["failures"]) == {"disk_full"} and (spool / NAME).exists()
-        assert not [p for p in dest.rglob("*") if p.is_file()]  # no half copy holds the space
-        subprocess.run(["mount", "-o", "remount,size=1m", str(dest)], check=True)
-        assert await d.drain(10)
-        await d.stop()
-        return d.stats()
+        async with running(d):
+            d.submit(str(spool / NAME), (spool / NAME).stat().st_size)
+            await asyncio.sleep(0.3)
+            stats = d.statistics()
+            assert set(stats.failures) == {"disk_full"} and (spool / NAME).exists()
+            assert not [p for p in dest.rglob("*") if p.is_file()]  # no half copy holds the space
+            subprocess.run(["mount", "-o", "remount,size=1m", str(dest)], check=True)
+            assert await d.drain(10)
+        return d.statistics()
 
     stats = asyncio.run(go())
     assert (dest / KEY).read_bytes().count(b"\n") == 100_001
     assert [p.name for p in (dest / KEY).parent.iterdir()] == [Path(KEY).name]
-    assert stats["files_delivered"] == 1 and not (spool / NAME).exists()
+    assert stats.files_delivered == 1 and not (spool / NAME).exists()
 
 
 def test_scan_spool_takes_only_its_endpoint(tmp_path: Path) -> None:
@@ -131,13 +135,83 @@ def test_scan_spool_takes_only_its_endpoint(tmp_path: Path) -> None:
 
 
 def test_a_file_removed_from_the_spool_is_not_retried_forever(tmp_path: Path) -> None:
-    async def go() -> dict[str, Any]:
+    async def go() -> DeliveryStats:
         d = Delivery(LocalDestination(f"file://{tmp_path / 'out'}"))
-        d.start()
-        d.submit(str(tmp_path / NAME), 2)  # never existed
-        assert await d.drain(5)
-        await d.stop()
-        return d.stats()
+        async with running(d):
+            d.submit(str(tmp_path / NAME), 2)  # never existed
+            assert await d.drain(5)
+        return d.statistics()
 
     stats = asyncio.run(go())
-    assert stats["failures"] == {"file_missing": 1} and stats["files_waiting"] == 0
+    assert stats.failures == {"file_missing": 1} and stats.files_waiting == 0
+
+
+class ScriptedDestination:
+    """A destination whose `put` raises each of `errors` in turn, then succeeds."""
+
+    uri = "test://"
+
+    def __init__(self, errors: list[Exception]) -> None:
+        self.errors = errors
+        self.puts: list[float] = []  # when each attempt was made (monotonic)
+
+    async def start(self) -> None:
+        return None
+
+    async def put(self, path: str, key: str, *, retry: bool = False) -> None:
+        self.puts.append(time.monotonic())
+        if self.errors:
+            raise self.errors.pop(0)
+
+    async def tidy(self, own_prefix: str, waiting: Any) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def test_a_delivery_error_is_counted_by_cause_and_anything_else_as_an_internal_bug(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The destination fails with an `UploadError` (timeout, retryable), then twice with a
+    KeyError (a bug: no `DeliveryError`), then succeeds. The first is counted under its cause and
+    tried again soon; the bugs are counted as `internal`, tried again only after the fatal retry
+    interval, and logged with a traceback once. The file is delivered once in the end."""
+    (tmp_path / NAME).write_bytes(b"1\n")
+    timeout = UploadError(cause="timeout", retryable=True, message="read timed out")
+    dest = ScriptedDestination([timeout, KeyError("bug"), KeyError("bug")])
+
+    async def go() -> DeliveryStats:
+        d = Delivery(dest, fatal_retry_s=0.3)
+        d.RETRY_MIN_S = 0.01
+        async with running(d):
+            d.submit(str(tmp_path / NAME), 2)
+            assert await d.drain(10)
+        return d.statistics()
+
+    with caplog.at_level(logging.WARNING, logger="captured.deliver"):
+        stats = asyncio.run(go())
+    assert stats.failures == {"timeout": 1, "internal": 2} and stats.files_delivered == 1
+    assert not (tmp_path / NAME).exists()
+    assert len(dest.puts) == 4
+    assert dest.puts[2] - dest.puts[1] >= 0.3 and dest.puts[3] - dest.puts[2] >= 0.3  # slowly
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and tracebacks[0].exc_info is not None
+    assert tracebacks[0].exc_info[0] is KeyError and "internal" in tracebacks[0].getMessage()
+    assert any("(timeout)" in r.getMessage() and not r.exc_info for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("exc", "cause", "retryable"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "disk_full", True),
+        (OSError(errno.EACCES, "Permission denied"), "access_denied", False),
+        (OSError(errno.EROFS, "Read-only file system"), "read_only_filesystem", False),
+        (OSError(errno.ENOTDIR, "Not a directory"), "enotdir", True),
+        (OSError("no errno"), "os_error", True),
+    ],
+)
+def test_a_failed_local_delivery_is_named_after_its_errno(exc: OSError, cause: str, retryable: bool) -> None:
+    err = local_error(exc)
+    assert type(err) is LocalDeliveryError and isinstance(err, DeliveryError)
+    assert (err.cause, err.retryable, str(err)) == (cause, retryable, str(exc))

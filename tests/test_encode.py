@@ -10,7 +10,6 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import dcc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,11 +21,10 @@ from captured.daemon.encode import (
     LineEncoder,
     choose_encoding,
     escape_text,
-    format_time,
     media_type,
-    new_event_id_pieces,
-    new_event_ids,
 )
+from captured.daemon.eventids import format_time, new_event_id_pieces, new_event_ids
+from captured.testing.data import dcc, payloads
 from captured.wire.frames import Record
 
 
@@ -205,16 +203,8 @@ def test_lines_are_compact_and_one_per_record() -> None:
 
 
 def test_the_bench_data_generator_encodes_and_reads_back() -> None:
-    """The seeded records every benchmark uses (bench/data.py) encode to lines whose data are
-    exactly the generated CSV bodies: the benches measure what the tests check."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    try:
-        from data import payloads
-    finally:
-        sys.path.pop(0)
+    """The seeded records every benchmark uses (captured.testing.data) encode to lines whose data
+    are exactly the generated CSV bodies: the benches measure what the tests check."""
     pairs = payloads(300, seed=3, size=250)
     assert pairs == payloads(300, seed=3, size=250)  # seeded: the same every run
     enc = LineEncoder(dcc())

@@ -16,16 +16,17 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import DaemonProcess, dcc, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from captured import CaptureClient
 from captured.daemon.encode import LineEncoder
-from captured.daemon.pipeline import Pipeline
+from captured.daemon.pipeline import CounterStats, Pipeline
 from captured.daemon.spool import Spool
 from captured.daemon.watermark import CaptureGate
 from captured.service.config import Overrides, load_config
+from captured.testing.daemon import DaemonProcess, wait_for
+from captured.testing.data import dcc
 from captured.wire import frames
 from captured.wire.frames import Record
 
@@ -121,12 +122,9 @@ def test_the_daemon_refuses_metadata_the_client_would_have_refused(field: dict[s
         pipeline = Pipeline(cfg, spool, CaptureGate(cfg.spool_dir, cfg.watermark))
         assert pipeline.process(msgspec.msgpack.encode([good, bad, good])) == 3
         spool.seal_all()
-    assert pipeline.counters.as_dict() == {
-        "received": 3,
-        "written": 2,
-        "dropped": {"invalid_record": 1},
-        "resent": 0,
-    }
+    assert pipeline.counters.statistics() == CounterStats(
+        received=3, written=2, dropped={"invalid_record": 1}, resent=0
+    )
 
 
 # -- memory ------------------------------------------------------------------------------------------
@@ -184,7 +182,7 @@ def test_unfinished_frames_beyond_the_budget_close_the_connection_that_crosses_i
         second.settimeout(10)
         with contextlib.suppress(OSError):  # closed while sending: fine
             second.sendall(frame[:half])
-        wait_for(lambda: d.status()["ingest"]["protocol_errors"].get("memory_limit") == 1)
+        wait_for(lambda: d.status()["ingest"]["connections_closed"].get("memory_limit") == 1)
         first.sendall(frame[half:])
         wait_for(lambda: d.status()["counters"]["written"] == 1)
     with CaptureClient(d.socket_path) as client:
@@ -280,7 +278,7 @@ def test_fuzz_hostile_clients_beside_a_good_one(daemon_factory: Any) -> None:
             time.sleep(0.05)
             assert time.monotonic() < deadline
         assert good_done.wait(max(1.0, deadline - time.monotonic()))
-        wait_for(lambda: d.status()["ingest"]["protocol_errors"].get("stalled_frame"), timeout=10)
+        wait_for(lambda: d.status()["ingest"]["connections_closed"].get("stalled_frame"), timeout=10)
     finally:
         thread.join(10)
         for s in idle:
@@ -290,7 +288,7 @@ def test_fuzz_hostile_clients_beside_a_good_one(daemon_factory: Any) -> None:
     st_ = d.status()
     c = st_["counters"]
     assert c["received"] == c["written"] + sum(c["dropped"].values())
-    errors = st_["ingest"]["protocol_errors"]
+    errors = st_["ingest"]["connections_closed"]
     assert st_["ingest"]["connections_total"] >= 300 + 20 * len(hostile_payloads(rng))
     for reason in ("bad_header", "frame_too_large", "bad_payload", "unexpected_kind", "stalled_frame"):
         assert errors.get(reason, 0) >= 1, errors

@@ -21,10 +21,10 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import DaemonProcess, wait_for
 
 from captured import CaptureClient
 from captured.client.record import prepare_record
+from captured.testing.daemon import DaemonProcess, wait_for
 from captured.wire import frames
 
 

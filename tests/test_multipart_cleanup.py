@@ -19,13 +19,15 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import DaemonProcess, wait_for
-from s3fixtures import S3FaultProxy, S3Sandbox
 
 from captured.client.sync import CaptureClient
-from captured.delivery.s3 import MIB, UploadError
+from captured.delivery.s3 import MIB
 from captured.delivery.uploader import S3Uploader
+from captured.errors import UploadError
 from captured.service.config import S3Config
+from captured.testing.daemon import DaemonProcess, wait_for
+from captured.testing.proxy import S3FaultProxy
+from captured.testing.s3 import S3Sandbox
 
 KEY = "e/AllTraffic/2026/12/03/10/15-30-123-0b0e0c0d-1111-4222-8333-444455556666.jsonl"
 

@@ -10,10 +10,10 @@ import time
 from typing import Any
 
 import psutil
-from conftest import DaemonProcess, wait_for
-from s3fixtures import S3Sandbox
 
 from captured import CaptureClient
+from captured.testing.daemon import DaemonProcess, wait_for
+from captured.testing.s3 import S3Sandbox
 
 KEY = re.compile(
     r"captures/test-endpoint/AllTraffic/(\d{4})/(\d\d)/(\d\d)/(\d\d)/\d\d-\d\d-\d{3}-[0-9a-f-]{36}\.jsonl"

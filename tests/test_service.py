@@ -11,15 +11,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, wait_for
 
 from captured import CaptureClient
 from captured.client.record import DEFAULT_LINGER_S
 from captured.service.cli import query_status
+from captured.testing.daemon import DaemonProcess, wait_for
 from captured.wire import frames
 
 DCC = """[DataCaptureConfig]
@@ -153,11 +154,22 @@ class NotifyListener:
         return [k for _, m in self.messages for k in order if k in m]
 
 
-def test_sd_notify_ready_status_watchdog_reloading_stopping(daemon_factory: Any, short_tmp: Path) -> None:
+@pytest.fixture
+def listener(short_tmp: Path) -> Iterator[NotifyListener]:
+    """A NotifyListener at <short_tmp>/notify, closed afterwards."""
+    listener = NotifyListener(short_tmp / "notify")
+    try:
+        yield listener
+    finally:
+        listener.sock.close()
+
+
+def test_sd_notify_ready_status_watchdog_reloading_stopping(
+    daemon_factory: Any, listener: NotifyListener
+) -> None:
     """Against a datagram socket given as NOTIFY_SOCKET: READY=1 (with a STATUS line) only once
     the socket answers, WATCHDOG=1 at a third of WATCHDOG_USEC, RELOADING=1 then READY=1 around
     a SIGHUP, STOPPING=1 on SIGTERM."""
-    listener = NotifyListener(short_tmp / "notify")
     # (systemd also sets WATCHDOG_PID to the main pid; without it the daemon takes the interval)
     env = {**os.environ, "NOTIFY_SOCKET": listener.path, "WATCHDOG_USEC": "600000"}
     d: DaemonProcess = daemon_factory(env=env)

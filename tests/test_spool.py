@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import errno
 import os
 import re
 from collections.abc import Callable
@@ -12,7 +13,10 @@ from typing import Any
 import pytest
 
 from captured.daemon import spool as spool_module
-from captured.daemon.spool import Spool, Syncer, ThreadSyncer, file_stem, object_key, recover_part
+from captured.daemon.recovery import recover_part
+from captured.daemon.spool import Spool, file_stem, object_key
+from captured.daemon.syncer import Syncer, ThreadSyncer
+from captured.errors import SpoolWriteError
 from captured.service.config import SpoolConfig
 
 UUID = "08d6d8b9-c7ac-4427-93a1-5eece415565d"
@@ -236,7 +240,7 @@ def test_open_files_are_flushed_every_interval_and_before_sealing(
     spool.write("AllTraffic", int(T0) // 3600, T0, lines(2))
     spool.seal_all()
     assert len(synced) == 2 and len(sealed) == 1  # flushed before the rename
-    assert syncer.calls == ["_sync_and_close", "_seal"]
+    assert syncer.calls == ["sync_and_close", "_seal"]
 
 
 def test_without_an_interval_files_are_flushed_only_when_sealed(
@@ -300,10 +304,12 @@ def test_a_failed_write_reports_the_whole_lines_already_in_the_spool(
         return real_write(fd, buf)
 
     monkeypatch.setattr(os, "write", failing_second_write)
-    with pytest.raises(OSError) as info:
+    with pytest.raises(SpoolWriteError) as info:
         spool.write("AllTraffic", int(T0) // 3600, T0, data)
     monkeypatch.undo()
-    assert info.value.written == 1020  # type: ignore[attr-defined]
+    assert info.value.written == 1020
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC  # the gate reads errno
+    assert info.value.__cause__ is info.value.error and info.value.error.errno == errno.ENOSPC
     assert [n for _, n in sealed] == [1020] and Path(sealed[0][0]).read_bytes() == data[:1020]
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from conftest import DaemonProcess, dcc, wait_for
 
 from captured import CaptureClient
 from captured.daemon.encode import LineEncoder
+from captured.testing.daemon import DaemonProcess, wait_for
+from captured.testing.data import dcc
 from captured.wire.frames import Record
 
 

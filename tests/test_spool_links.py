@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess
 
 from captured import CaptureClient
+from captured.testing.daemon import DaemonProcess
 
 
 def name(suffix: str) -> str:

@@ -12,12 +12,13 @@ from typing import Any
 import psutil
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
-from s3fixtures import MotoServer, S3Sandbox
 
-from captured.delivery.s3 import MAX_PARTS, MIB, UploadError, classify, plan_parts, s3_key, split_s3_uri
+from captured.delivery.s3 import MAX_PARTS, MIB, classify, plan_parts, s3_key, split_s3_uri
 from captured.delivery.s3body import FilePart, crc32_of
 from captured.delivery.uploader import S3Uploader
+from captured.errors import UploadError
 from captured.service.config import S3Config
+from captured.testing.s3 import MotoServer, S3Sandbox
 
 GIB = 1024 * MIB
 
@@ -87,7 +88,8 @@ def client_error(code: str, status: int) -> ClientError:
 )
 def test_classify(exc: BaseException, cause: str, retryable: bool) -> None:
     err = classify(exc)
-    assert (err.cause, err.retryable) == (cause, retryable)
+    assert type(err) is UploadError and (err.cause, err.retryable) == (cause, retryable)
+    assert classify(err) is err  # already classified: passed through
 
 
 def test_crc32_of_a_file_region_is_s3s_base64_form(tmp_path: Path) -> None:

@@ -11,11 +11,11 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import DaemonProcess, wait_for
 
 from captured import CaptureClient
 from captured.daemon.watermark import CHECK_EVERY_BYTES, WRITE_RETRY_S, CaptureGate, Usage, decide
 from captured.service.config import WatermarkConfig
+from captured.testing.daemon import DaemonProcess, wait_for
 
 GB = 10**9
 CFG = WatermarkConfig(high_percent=75, low_percent=70, min_free_bytes=0)

@@ -7,7 +7,7 @@ encodes the buffer once a batch is full or `linger_s` after its first record (at
 512 KiB per pass, yielding to the application's other tasks between passes), writes the frames,
 reads acknowledgements and reconnects with capped backoff.
 
-The bookkeeping is the I/O-free `clientcore.ClientCore`, shared with the thread client, so both
+The bookkeeping is the I/O-free `core.ClientCore`, shared with the thread client, so both
 make the same promises: records stay buffered until the daemon acknowledges them and are sent
 again after a reconnect (protocol 2: nothing accepted is lost or written twice across a
 restart or a crash of the daemon), and `flush()` is True only when every record accepted
@@ -35,12 +35,11 @@ from captured.client.record import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BUFFER_BYTES,
     DEFAULT_LINGER_S,
-    DEFAULT_SOCKET_PATH,
     Body,
     prepare_record,
 )
-from captured.service.config import SIX_MIB
 from captured.wire import frames
+from captured.wire.rules import MAX_BODY_BYTES, find_socket
 
 log = logging.getLogger("captured.aclient")
 
@@ -117,10 +116,10 @@ class AsyncCaptureClient:
 
     def __init__(
         self,
-        socket_path: str = DEFAULT_SOCKET_PATH,
+        socket_path: str | None = None,
         *,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
-        max_body_bytes: int = SIX_MIB,
+        max_body_bytes: int = MAX_BODY_BYTES,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         linger_s: float = DEFAULT_LINGER_S,
         reconnect_max_s: float = 2.0,
@@ -129,7 +128,11 @@ class AsyncCaptureClient:
             raise ValueError("max_body_bytes is too large for the daemon's maximum frame size")
         if not 0.0 <= linger_s <= 10.0:
             raise ValueError("linger_s must be 0..10 seconds")
-        self.socket_path = socket_path
+        #: The path given, or None: then each connection attempt looks for the socket again
+        #: (`captured.wire.rules.find_socket`: $CAPTURED_SOCKET, the systemd path, the Quick
+        #: start's ./captured-data/capture.sock), so a daemon started later is still found.
+        self._socket_arg = socket_path
+        self.socket_path = find_socket(socket_path)
         self._max_body = max_body_bytes
         self._reconnect_max_s = reconnect_max_s
         self._core = ClientCore(
@@ -338,6 +341,7 @@ class AsyncCaptureClient:
                 await asyncio.wait_for(self._wake.wait(), delay)
             if time.monotonic() < self._next_connect:
                 return None
+        self.socket_path = find_socket(self._socket_arg)
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_unix_connection(lambda: _Conn(self), self.socket_path), _CONNECT_TIMEOUT_S

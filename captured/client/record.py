@@ -12,19 +12,23 @@ from typing import Any
 
 import msgspec
 
-from captured.service.config import valid_name
 from captured.wire import frames
+from captured.wire.rules import (
+    MAX_CONTENT_TYPE,
+    MAX_CUSTOM_ATTRIBUTES,
+    MAX_EPOCH_S,
+    MAX_EVENT_ID,
+    MAX_INFERENCE_ID,
+    valid_name,
+)
 
 Body = bytes | bytearray | memoryview | str | None
 RecordTuple = tuple[Any, ...]
 
-DEFAULT_SOCKET_PATH = "/run/captured/capture.sock"
 DEFAULT_BUFFER_BYTES = 8 * 1024 * 1024
 DEFAULT_BATCH_BYTES = 256 * 1024
 #: How long a client lets records gather before it sends them (unless a batch fills first).
 DEFAULT_LINGER_S = 0.05
-#: Upper bound (exclusive) on epoch seconds: year 10000, where ISO-8601 ends.
-MAX_EPOCH_S = 253402300800.0
 
 # Client-side drop reasons.
 BUFFER_FULL = "buffer_full"
@@ -111,8 +115,8 @@ def prepare_record(
         if (
             len(request_body) <= max_body_bytes
             and len(response_body) <= max_body_bytes
-            and len(request_content_type) <= 1024
-            and len(response_content_type) <= 1024
+            and len(request_content_type) <= MAX_CONTENT_TYPE
+            and len(response_content_type) <= MAX_CONTENT_TYPE
         ):
             size += RECORD_OVERHEAD + len(request_content_type) + len(response_content_type)
             now = time.time()
@@ -120,20 +124,20 @@ def prepare_record(
     req = _body(request_body, "request_body", max_body_bytes)
     resp = _body(response_body, "response_body", max_body_bytes)
     size = RECORD_OVERHEAD + (len(req) if req is not None else 0) + (len(resp) if resp is not None else 0)
-    size += _optional_str(request_content_type, "request_content_type", 1024)
-    size += _optional_str(response_content_type, "response_content_type", 1024)
+    size += _optional_str(request_content_type, "request_content_type", MAX_CONTENT_TYPE)
+    size += _optional_str(response_content_type, "response_content_type", MAX_CONTENT_TYPE)
     if inference_id is not None:
-        size += _optional_str(inference_id, "inference_id", 64)
+        size += _optional_str(inference_id, "inference_id", MAX_INFERENCE_ID)
         if not inference_id or not inference_id.isprintable() or inference_id[0] == " ":
             raise ValueError("inference_id must be 1..64 printable characters, the first not a space")
     if custom_attributes is not None:
-        size += _optional_str(custom_attributes, "custom_attributes", 1024)
+        size += _optional_str(custom_attributes, "custom_attributes", MAX_CUSTOM_ATTRIBUTES)
         if not custom_attributes.isascii():
             raise ValueError("custom_attributes must be ASCII (at most 1024 characters)")
     if variant_name is not None and not valid_name(variant_name):
         raise ValueError(f"variant_name {variant_name!r} does not match [a-zA-Z0-9](-*[a-zA-Z0-9]){{0,62}}")
     if event_id is not None:
-        size += _optional_str(event_id, "event_id", 128)
+        size += _optional_str(event_id, "event_id", MAX_EVENT_ID)
         if not event_id:
             raise ValueError("event_id must not be empty")
     rec = (

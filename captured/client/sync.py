@@ -10,11 +10,11 @@ buffer is full the record is dropped and counted (`buffer_full`); nothing ever w
 daemon in the caller's thread.
 
 All the bookkeeping (admission, sequence numbers, acknowledgements, resend, counters) is the
-I/O-free `clientcore.ClientCore`, shared with `AsyncCaptureClient`; this module only moves
+I/O-free `core.ClientCore`, shared with `AsyncCaptureClient`; this module only moves
 bytes. Delivery guarantee (protocol 2): nothing `capture()` accepted is lost or written twice
 across a restart or a crash of the daemon while this process lives and the buffer did not
 overflow: records stay in the buffer until the daemon acknowledges them and are sent again
-after a reconnect. With a daemon that speaks only protocol 1: at most once (see `clientcore`).
+after a reconnect. With a daemon that speaks only protocol 1: at most once (see `core`).
 """
 
 from __future__ import annotations
@@ -39,12 +39,11 @@ from captured.client.record import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BUFFER_BYTES,
     DEFAULT_LINGER_S,
-    DEFAULT_SOCKET_PATH,
     Body,
     prepare_record,
 )
-from captured.service.config import SIX_MIB
 from captured.wire import frames
+from captured.wire.rules import MAX_BODY_BYTES, find_socket
 
 log = logging.getLogger("captured.client")
 
@@ -71,10 +70,10 @@ class CaptureClient:
 
     def __init__(
         self,
-        socket_path: str = DEFAULT_SOCKET_PATH,
+        socket_path: str | None = None,
         *,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
-        max_body_bytes: int = SIX_MIB,
+        max_body_bytes: int = MAX_BODY_BYTES,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         linger_s: float = DEFAULT_LINGER_S,
         reconnect_max_s: float = 2.0,
@@ -83,7 +82,11 @@ class CaptureClient:
             raise ValueError("max_body_bytes is too large for the daemon's maximum frame size")
         if not 0.0 <= linger_s <= 10.0:
             raise ValueError("linger_s must be 0..10 seconds")
-        self.socket_path = socket_path
+        #: The path given, or None: then each connection attempt looks for the socket again
+        #: (`captured.wire.rules.find_socket`: $CAPTURED_SOCKET, the systemd path, the Quick
+        #: start's ./captured-data/capture.sock), so a daemon started later is still found.
+        self._socket_arg = socket_path
+        self.socket_path = find_socket(socket_path)
         self._buffer_bytes = buffer_bytes
         self._max_body = max_body_bytes
         self._batch_bytes = batch_bytes
@@ -289,6 +292,7 @@ class _IOLoop:
     def _connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.settimeout(1.0)
+        self.c.socket_path = find_socket(self.c._socket_arg)
         try:
             sock.connect(self.c.socket_path)
         except OSError as exc:

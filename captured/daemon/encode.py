@@ -18,18 +18,16 @@ JSON) unless it is not valid UTF-8; anything else, a missing content type, or no
 
 from __future__ import annotations
 
-import binascii
-import os
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import msgspec
 import orjson
 
-from captured.client.record import MAX_EPOCH_S
+from captured.daemon.eventids import format_time, new_event_id_pieces, new_event_ids
 from captured.service.config import DataCaptureConfig
 from captured.wire.frames import Record
+from captured.wire.rules import MAX_EPOCH_S
 
 CSV = "CSV"
 JSON = "JSON"
@@ -84,10 +82,10 @@ class Group(NamedTuple):
 
 
 #: A str as a JSON string, quotes included: byte for byte what msgspec writes for the same str
-#: (checked for every code point in tests/test_encode.py), and on long text much faster (SIMD
-#: escaping): an 8 KiB body takes 0.46 us against msgspec's 2.1. On short bodies msgspec is the
-#: faster of the two inside the encoder (250 bytes: 527 against 576 ns per record), so
-#: `encode_uniform` picks by the length of a batch's first body, from LONG_TEXT characters on.
+#: (checked for every code point in tests/test_encode.py), and on long text several times faster
+#: (SIMD escaping). On short bodies msgspec is the faster of the two inside the encoder (both
+#: measured in bench/README.md, "Stage by stage"), so `encode_uniform` picks by the length of a
+#: batch's first body, from LONG_TEXT characters on.
 escape_text = orjson.dumps
 LONG_TEXT = 1024
 
@@ -109,52 +107,6 @@ def choose_encoding(
     if json_types is not None and mt in json_types:
         return JSON
     return BASE64
-
-
-def format_time(epoch_s: int) -> str:
-    """`2021-05-18T00:29:02Z`: UTC, whole seconds."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
-
-
-_TO_VARIANT = bytes.maketrans(b"0123456789abcdef", b"89ab89ab89ab89ab")
-_ID_SLOT = 40
-
-
-def _event_id_block(n: int) -> bytearray:
-    """`n` random version-4 UUIDs as `"xxxxxxxx-xxxx-4xxx-Vxxx-xxxxxxxxxxxx",`, `\\n` between.
-
-    `hexlify(os.urandom(16 * n), b"-", 2)` already is 40 characters per id, random hex digits with
-    a dash every four, and its dashes at 9, 14, 19 and 24 are where a UUID's go. Nine C-level
-    strided slice operations then finish every id at once: three move a random digit from a
-    place that becomes a constant to a place where a dash is not wanted (4, 29, 34), six write
-    the constants (quotes, version, RFC 4122 variant digit, comma, newline). About ten times
-    cheaper than `str(uuid.uuid4())` per id.
-    """
-    out = bytearray(binascii.hexlify(os.urandom(16 * n), b"-", 2))  # 40 * n - 1 bytes
-    out[4::_ID_SLOT] = out[0::_ID_SLOT]
-    out[29::_ID_SLOT] = out[37::_ID_SLOT]
-    out[34::_ID_SLOT] = out[38::_ID_SLOT]
-    out[0::_ID_SLOT] = b'"' * n
-    out[15::_ID_SLOT] = b"4" * n
-    out[20::_ID_SLOT] = out[20::_ID_SLOT].translate(_TO_VARIANT)
-    out[37::_ID_SLOT] = b'"' * n
-    out[38::_ID_SLOT] = b"," * n
-    out[39::_ID_SLOT] = b"\n" * (n - 1)  # between ids: the last has no separator
-    return out
-
-
-def new_event_ids(n: int) -> list[str]:
-    """`n` random version-4 UUID strings."""
-    if n <= 0:
-        return []
-    return _event_id_block(n)[1:-2].decode().split('",\n"')
-
-
-def new_event_id_pieces(n: int) -> list[bytes]:
-    """`n` random version-4 UUIDs as `"<uuid>",`: JSON strings and the comma after them."""
-    if n <= 0:
-        return []
-    return bytes(_event_id_block(n)).split(b"\n")
 
 
 class _NotUniform(Exception):
@@ -265,9 +217,9 @@ class LineEncoder:
             elif not variant_ok(variant):
                 invalid += 1
                 continue
-            # The metadata rules `record.prepare_record` applies in the client, for peers that do
-            # not use it. Lengths are checked by the decoder already (`frames.Record`); what it
-            # cannot check costs one None test per field in the common case.
+            # The metadata rules `prepare_record` (captured.client.record) applies in the client,
+            # for peers that do not use it. Lengths are checked by the decoder already
+            # (`frames.Record`); what it cannot check costs one None test per field.
             text = r.inference_id
             if text is not None and not (text.isprintable() and text[0] != " "):
                 invalid += 1

@@ -31,11 +31,8 @@ of that process as /proc shows them) must match one, or the connection is refuse
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
-import socket
-import struct
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -43,6 +40,7 @@ from typing import Any, cast
 import msgspec
 
 from captured.daemon.ledger import Ledger, Session
+from captured.daemon.peers import peer_credentials
 from captured.daemon.pipeline import Pipeline
 from captured.service.logs import RateLimited
 from captured.wire import frames
@@ -57,21 +55,48 @@ MAX_WRITE_BUFFER = 1 << 20
 DEFAULT_ACK_BYTES = 1 << 20
 
 
-class IngestStats:
+#: Every reason the daemon closes a connection for: protocol errors, and its own limits.
+CLOSE_REASONS = (
+    "bad_header",
+    "unsupported_version",
+    "unknown_kind",
+    "unexpected_kind",
+    "frame_too_large",
+    "bad_payload",
+    "internal_error",
+    "stalled_frame",
+    "slow_reader",
+    "memory_limit",
+    "too_many_connections",
+    "idle_evicted",
+    "peer_refused",
+)
+
+
+class IngestCounters:
     __slots__ = ("closed", "connections", "connections_total")
 
     def __init__(self) -> None:
         self.connections = 0
         self.connections_total = 0
-        # Connections closed by the daemon for breaking the protocol, by reason.
+        # Connections the daemon closed, by reason (`CLOSE_REASONS`).
         self.closed: dict[str, int] = {}
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "connections": self.connections,
-            "connections_total": self.connections_total,
-            "protocol_errors": dict(self.closed),
-        }
+    def statistics(self) -> IngestStats:
+        return IngestStats(
+            connections=self.connections,
+            connections_total=self.connections_total,
+            connections_closed=dict(self.closed),
+        )
+
+
+class IngestStats(msgspec.Struct, frozen=True):
+    connections: int
+    connections_total: int
+    #: Connections the daemon closed, by reason (`CLOSE_REASONS`): a client that broke the
+    #: protocol, or the daemon's own limits (`too_many_connections`, `idle_evicted`,
+    #: `peer_refused`, `memory_limit`, ...). Called `protocol_errors` before 0.2.0.
+    connections_closed: dict[str, int]
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -156,7 +181,9 @@ class Connection(asyncio.BufferedProtocol):
                     doc = server.status()
                     self._reply(frames.encode_frame(frames.Kind.STATUS_REPLY, doc, self.version or 1))
                 else:
-                    raise frames.ProtocolError("unexpected_kind", f"a client may not send frame kind {kind}")
+                    raise frames.ProtocolError(
+                        reason="unexpected_kind", message=f"a client may not send frame kind {kind}"
+                    )
             if batches:
                 server.ledger.commit()
                 if self.version == 2:
@@ -173,7 +200,9 @@ class Connection(asyncio.BufferedProtocol):
 
     def _hello(self, payload: memoryview) -> None:
         if self.version:
-            raise frames.ProtocolError("unexpected_kind", "HELLO may only be a connection's first frame")
+            raise frames.ProtocolError(
+                reason="unexpected_kind", message="HELLO may only be a connection's first frame"
+            )
         hello = frames.hello_decoder.decode(payload)
         self.version = 2
         self.session = self.server.ledger.session(hello.session)
@@ -185,7 +214,9 @@ class Connection(asyncio.BufferedProtocol):
         session = self.session
         assert session is not None
         if len(payload) < frames.BATCH_SEQ.size:
-            raise frames.ProtocolError("bad_payload", "a protocol 2 BATCH starts with a sequence number")
+            raise frames.ProtocolError(
+                reason="bad_payload", message="a protocol 2 BATCH starts with a sequence number"
+            )
         (first,) = frames.BATCH_SEQ.unpack_from(payload)
         skip = session.taken - first if first < session.taken else 0
         n = self.server.pipeline.process(payload[frames.BATCH_SEQ.size :], skip)
@@ -274,7 +305,7 @@ class IngestServer:
         ledger: Ledger,
         *,
         max_frame_bytes: int,
-        status: Callable[[], dict[str, Any]],
+        status: Callable[[], object],
         max_connections: int = 1024,
         frame_timeout_s: float = 30.0,
         buffer_budget_bytes: int = 64 * 1024 * 1024,
@@ -299,7 +330,7 @@ class IngestServer:
             uids |= {0, os.getuid()}  # root and the daemon's own user (`captured status`)
             self.allowed = lambda uid, groups: uid in uids or not gids.isdisjoint(groups)
         self.connections: set[Connection] = set()
-        self.stats = IngestStats()
+        self.stats = IngestCounters()
         self.warn = RateLimited(log)
         self._server: asyncio.Server | None = None
 
@@ -355,61 +386,3 @@ class IngestServer:
                 c.transport.close()
         if self._server is not None:
             await self._server.wait_closed()
-
-
-_UCRED = struct.Struct("3i")
-
-
-#: SO_PEERGROUPS (Linux 4.13): the peer's supplementary groups as the kernel recorded them at
-#: connect(2). Not every Python names the constant; its value is fixed by the kernel ABI.
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
-_GID = struct.Struct("I")
-
-
-def peer_groups(sock: socket.socket) -> frozenset[int] | None:
-    """The peer's supplementary groups from SO_PEERGROUPS, or None where the kernel cannot say.
-
-    No /proc is read: under the shipped unit's `ProtectProc=invisible` another user's
-    /proc/<pid>/status is hidden from the daemon, so a peer admitted only through a
-    supplementary group was refused."""
-    size = 64 * _GID.size
-    for _ in range(3):
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
-        except OSError as exc:
-            if exc.errno == errno.ERANGE and size < (1 << 20):
-                size *= 16  # more groups than that: NGROUPS_MAX is 65536
-                continue
-            return None
-        return frozenset(g for (g,) in _GID.iter_unpack(raw[: len(raw) // _GID.size * _GID.size]))
-    return None
-
-
-def peer_credentials(transport: asyncio.BaseTransport) -> tuple[int, frozenset[int]] | None:
-    """(uid, the peer's groups) from SO_PEERCRED and SO_PEERGROUPS, or None if they cannot be read.
-
-    The groups are the primary gid SO_PEERCRED reports plus the supplementary groups of that
-    process when it connected (SO_PEERGROUPS; on a kernel without it, /proc/<pid>/status at the
-    time of the check, which `ProtectProc=invisible` hides, leaving the primary gid only).
-    """
-    sock = transport.get_extra_info("socket")
-    if sock is None or not hasattr(socket, "SO_PEERCRED"):
-        return None
-    try:
-        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    except OSError:
-        return None
-    groups = {gid}
-    supplementary = peer_groups(sock)
-    if supplementary is not None:
-        groups |= supplementary
-        return uid, frozenset(groups)
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("Groups:"):
-                    groups.update(int(g) for g in line.split()[1:])
-                    break
-    except (OSError, ValueError):
-        pass
-    return uid, frozenset(groups)

@@ -252,10 +252,23 @@ class Ledger:
         except OSError as exc:
             log.error("journal: cannot compact (%s); it keeps growing", exc)
 
+    def statistics(self) -> SessionStats:
+        return SessionStats(
+            remembered=len(self.sessions), journal_bytes=self.size, journal_ok=not self.failed
+        )
+
     def dup_fd(self) -> int:
         """A descriptor of the journal for the spool's syncer thread to flush and close (a
         compaction may close the ledger's own meanwhile); -1 when there is no journal."""
         return os.dup(self.fd) if self.fd >= 0 else -1
+
+
+class SessionStats(msgspec.Struct, frozen=True):
+    #: Protocol 2 client sessions remembered (at most `MAX_SESSIONS`).
+    remembered: int
+    journal_bytes: int
+    #: False while the journal cannot be written (acknowledgements wait; capture goes on).
+    journal_ok: bool
 
 
 def _write_all(fd: int, data: bytes) -> None:

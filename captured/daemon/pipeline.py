@@ -23,9 +23,11 @@ from captured.daemon.encode import LineEncoder
 from captured.daemon.sample import sample
 from captured.daemon.spool import Spool
 from captured.daemon.watermark import CaptureGate
-from captured.service.config import Config, DataCaptureConfig, valid_name
+from captured.errors import SpoolWriteError
+from captured.service.config import Config, DataCaptureConfig
 from captured.service.logs import RateLimited
 from captured.wire import frames
+from captured.wire.rules import valid_name
 
 log = logging.getLogger("captured.pipeline")
 
@@ -39,6 +41,17 @@ DISK_WATERMARK = "disk_watermark"
 NOTHING_TO_CAPTURE = "nothing_to_capture"
 #: inferenceTime further ahead of the daemon's clock than `ingest.max_future_s`.
 FUTURE_TIME = "future_time"
+
+#: Every reason a record may be dropped for, in the order they are checked.
+DROP_REASONS = (
+    INVALID_RECORD,
+    FUTURE_TIME,
+    CAPTURE_DISABLED,
+    SAMPLED_OUT,
+    NOTHING_TO_CAPTURE,
+    DISK_WATERMARK,
+    WRITE_ERROR,
+)
 
 #: Distinct variant names the daemon accepts over its lifetime (each may hold open files).
 MAX_VARIANTS = 256
@@ -58,13 +71,21 @@ class Counters:
         if n:
             self.dropped[reason] = self.dropped.get(reason, 0) + n
 
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "received": self.received,
-            "written": self.written,
-            "dropped": dict(self.dropped),
-            "resent": self.resent,
-        }
+    def statistics(self) -> CounterStats:
+        return CounterStats(
+            received=self.received, written=self.written, dropped=dict(self.dropped), resent=self.resent
+        )
+
+
+class CounterStats(msgspec.Struct, frozen=True):
+    """received = written + sum(dropped); `resent` records were skipped, not received."""
+
+    received: int
+    written: int
+    #: By reason (`DROP_REASONS`); a reason appears once it happened.
+    dropped: dict[str, int]
+    #: Records a protocol 2 client sent again that the daemon had already taken.
+    resent: int
 
 
 class Pipeline:
@@ -182,9 +203,9 @@ class Pipeline:
         c = self.counters
         try:
             self.spool.write(variant, hour, times, data)
-        except OSError as exc:
+        except SpoolWriteError as exc:
             # Pieces written to earlier files before the failure are in the spool: count them.
-            kept = data.count(b"\n", 0, getattr(exc, "written", 0))
+            kept = data.count(b"\n", 0, exc.written)
             c.written += kept
             c.drop(WRITE_ERROR, n - kept)
             self._warn.warning("write", "spool write failed, %d record(s) dropped: %s", n - kept, exc)
@@ -211,7 +232,9 @@ class Pipeline:
         try:
             raws: list[msgspec.Raw] = frames.raw_list_decoder.decode(payload)
         except msgspec.DecodeError as exc:
-            raise frames.ProtocolError("bad_payload", f"BATCH payload is not an array: {exc}") from None
+            raise frames.ProtocolError(
+                reason="bad_payload", message=f"BATCH payload is not an array: {exc}"
+            ) from None
         return raws
 
     def _decode_each(self, raws: list[msgspec.Raw]) -> tuple[list[frames.Record], int]:

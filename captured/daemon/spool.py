@@ -25,20 +25,21 @@ since the last flush, and the next start cuts any file back to its last complete
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
-import stat
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import msgspec
+
 from captured.daemon.ledger import Ledger
+from captured.daemon.syncer import Syncer, sync_and_close, sync_dir
+from captured.errors import SpoolWriteError
 from captured.service.config import SpoolConfig
 
 log = logging.getLogger("captured.spool")
@@ -51,7 +52,7 @@ SEALED = ".jsonl"
 #: so a quiet file reserves little. The file's size does not change (FALLOC_FL_KEEP_SIZE); what
 #: is left past the last line is given back when the file is sealed. Reserving ahead spares the
 #: filesystem its per-page work of finding room for delayed writes: on ext4 the kernel's CPU for
-#: writing and flushing a spool file drops by 13-24 % (`bench/spool_write.py`).
+#: writing and flushing a spool file drops (`bench/spool_write.py`, measured in bench/README.md).
 RESERVE_MIN = 1024 * 1024
 RESERVE_MAX = 16 * 1024 * 1024
 #: Nothing is reserved for a file until it grows past this: a client sending one tiny record per
@@ -107,6 +108,16 @@ def object_key(sealed_name: str) -> str:
     return f"{endpoint}/{variant}/{yyyy}/{mm}/{dd}/{hh}/{rest}"
 
 
+class SpoolStats(msgspec.Struct, frozen=True):
+    dir: str
+    #: Files not yet handed to delivery: open, or being flushed and sealed.
+    open_files: int
+    files_sealed: int
+    bytes_written: int
+    #: Files sealed early because `spool.max_open_files` were open.
+    sealed_for_room: int
+
+
 @dataclass(slots=True)
 class OpenFile:
     path: str
@@ -118,56 +129,6 @@ class OpenFile:
     synced: int = 0  # bytes known to be on the disk
     reserved: int = 0  # disk reserved for this file (`reserve`), past `size` as a rule
     reserving: bool = True  # False once reserving failed (unsupported, or the disk is full)
-
-
-class Syncer:
-    """Runs `work` (blocking file calls), then, if it succeeded, `then` on the caller's thread.
-
-    This one runs both inline, and `work`'s exceptions reach the caller.
-    """
-
-    def run(self, work: Callable[[], None], then: Callable[[], None] | None = None) -> None:
-        work()
-        if then is not None:
-            then()
-
-    def busy(self) -> bool:
-        return False
-
-    async def wait(self) -> None:
-        return None
-
-
-class ThreadSyncer(Syncer):
-    """One background thread, in submission order; `then` comes back on the event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool-sync")
-        self._pending: set[concurrent.futures.Future[None]] = set()
-
-    def run(self, work: Callable[[], None], then: Callable[[], None] | None = None) -> None:
-        def job() -> None:
-            try:
-                work()
-            except OSError as exc:
-                log.error("spool: %s", exc)
-            else:
-                if then is not None:
-                    self._loop.call_soon_threadsafe(then)
-
-        fut = self._pool.submit(job)
-        self._pending.add(fut)
-        fut.add_done_callback(self._pending.discard)
-
-    def busy(self) -> bool:
-        return bool(self._pending)
-
-    async def wait(self) -> None:
-        """Until everything submitted so far has run (and its `then` was scheduled)."""
-        while self._pending:
-            await asyncio.wrap_future(next(iter(self._pending)))
-        await asyncio.sleep(0)  # let the `then` callbacks run
 
 
 class Spool:
@@ -224,9 +185,10 @@ class Spool:
 
         `times` are the lines' records' times (epoch seconds), one a line, or one for all: a file
         opened for a line is named after its time, so each file after its own first record. Data larger than
-        what the current file may still take is split at line boundaries across files. If a
-        write fails after earlier pieces went into files, the OSError raised carries `written`:
-        how many bytes of `data` (whole lines) are in the spool all the same.
+        what the current file may still take is split at line boundaries across files. A failed
+        write raises `SpoolWriteError` (an OSError with the failed call's errno) whose `written`
+        says how many bytes of `data` (whole lines) went into files before it: they are in the
+        spool all the same.
         """
         key = (variant, hour)
         f = self._open.pop(key, None)
@@ -267,8 +229,7 @@ class Spool:
                     self._seal(key)
                     f = None
         except OSError as exc:
-            exc.written = done  # type: ignore[attr-defined]
-            raise
+            raise SpoolWriteError(error=exc, written=done) from exc
 
     def tick(self) -> None:
         """Seal files whose hour has ended (wall clock) or that have been open too long; flush
@@ -291,7 +252,16 @@ class Spool:
             self._sync_journal()
         for f in todo:
             fd, size = os.dup(f.fd), f.size
-            self.syncer.run(_sync_and_close(fd), _mark_synced(f, size))
+            self.syncer.run(sync_and_close(fd), _mark_synced(f, size))
+
+    def statistics(self) -> SpoolStats:
+        return SpoolStats(
+            dir=self.dir,
+            open_files=self.open_files,
+            files_sealed=self.files_sealed,
+            bytes_written=self.bytes_written,
+            sealed_for_room=self.sealed_for_room,
+        )
 
     def committed_ends(self) -> list[tuple[str, int]]:
         """(stem, size) of every open file: its committed end when the ledger has no dirt."""
@@ -388,7 +358,7 @@ class Spool:
                 finally:
                     os.close(fd)
             os.rename(path, sealed)
-            _sync_dir(self.dir)
+            sync_dir(self.dir)
 
         def then() -> None:  # not called when the flush or the rename failed (logged): the
             # `.part` file then stays in the spool for the next start's recovery
@@ -429,57 +399,8 @@ class _JournalSync:
             os.close(self.fd)
 
 
-def _sync_and_close(fd: int) -> Callable[[], None]:
-    def work() -> None:
-        try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-
-    return work
-
-
 def _mark_synced(f: OpenFile, size: int) -> Callable[[], None]:
     def then() -> None:
         f.synced = max(f.synced, size)
 
     return then
-
-
-def _sync_dir(path: str) -> None:
-    """Make a rename in `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def recover_part(path: str, committed: int | None = None) -> int:
-    """Cut a file left by a crash after its last complete line; return the kept size.
-
-    Only whole lines are ever delivered: a torn last line (no trailing newline) is removed.
-    With `committed` (its end in the journal, `ledger`), the file is first cut to that: what lies
-    past it was never acknowledged, and its client sends it again.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)  # never through a planted link
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(f"{path} is not a regular file")
-    with open(fd, "rb+") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        keep = size if committed is None else min(size, committed)
-        block = 65536
-        while keep > 0:
-            start = max(0, keep - block)
-            fh.seek(start)
-            chunk = fh.read(keep - start)
-            nl = chunk.rfind(b"\n")
-            if nl >= 0:
-                keep = start + nl + 1
-                break
-            keep = start
-        # Also when whole: a file with disk reserved past its end (`reserve`) gives it back.
-        if keep != size or os.fstat(fh.fileno()).st_blocks * 512 > keep + 65536:
-            fh.truncate(keep)
-        return keep

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+import msgspec
 import psutil
 
 from captured.service.config import WatermarkConfig
@@ -145,17 +146,34 @@ class CaptureGate:
             return "no reading yet"
         return f"disk usage {u.percent:.1f}%, {u.free} bytes free"
 
-    def status(self) -> dict[str, Any]:
+    def statistics(self) -> WatermarkStats:
         u = self.last
-        return {
-            "capturing": self.open,
-            "reason": self.reason,
-            "since": round(self.since, 3),
-            "stops": self.stops,
-            "used_percent": u.percent if u else None,
-            "free_bytes": u.free if u else None,
-            "total_bytes": u.total if u else None,
-            "high_percent": self.cfg.high_percent,
-            "low_percent": self.cfg.low_percent,
-            "min_free_bytes": self.cfg.min_free_bytes,
-        }
+        return WatermarkStats(
+            capturing=self.open,
+            reason=self.reason,
+            since=round(self.since, 3),
+            stops=self.stops,
+            used_percent=u.percent if u else None,
+            free_bytes=u.free if u else None,
+            total_bytes=u.total if u else None,
+            high_percent=self.cfg.high_percent,
+            low_percent=self.cfg.low_percent,
+            min_free_bytes=self.cfg.min_free_bytes,
+        )
+
+
+class WatermarkStats(msgspec.Struct, frozen=True):
+    """The gate and the last reading of the spool's filesystem (None before the first)."""
+
+    capturing: bool
+    reason: str | None
+    #: Wall-clock time of the last change.
+    since: float
+    #: Times capture stopped for the disk.
+    stops: int
+    used_percent: float | None
+    free_bytes: int | None
+    total_bytes: int | None
+    high_percent: float
+    low_percent: float
+    min_free_bytes: int

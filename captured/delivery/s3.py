@@ -47,6 +47,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from captured.errors import UploadError
 from captured.service.config import S3Config
 
 log = logging.getLogger("captured.upload")
@@ -93,15 +94,6 @@ _RETRYABLE_CODES = {
 }
 
 
-class UploadError(Exception):
-    """An upload failed; `cause` is the counter label, `retryable` says how soon to try again."""
-
-    def __init__(self, cause: str, retryable: bool, message: str) -> None:
-        super().__init__(message)
-        self.cause = cause
-        self.retryable = retryable
-
-
 def classify(exc: BaseException) -> UploadError:
     """Map anything an upload can raise to an `UploadError` (retryable or fatal, and why)."""
     if isinstance(exc, UploadError):
@@ -114,23 +106,25 @@ def classify(exc: BaseException) -> UploadError:
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         message = f"{code or status}: {err.get('Message', exc)}"
         if code in _FATAL_CODES:
-            return UploadError(_FATAL_CODES[code], False, message)
+            return UploadError(cause=_FATAL_CODES[code], retryable=False, message=message)
         if code in _RETRYABLE_CODES or status >= 500 or status == 429:
-            return UploadError("throttled" if status in (429, 503) else "server_error", True, message)
+            return UploadError(
+                cause="throttled" if status in (429, 503) else "server_error", retryable=True, message=message
+            )
         if status == 403:
-            return UploadError("access_denied", False, message)
+            return UploadError(cause="access_denied", retryable=False, message=message)
         if status == 404:
-            return UploadError("no_such_bucket", False, message)
-        return UploadError(f"client_error_{status or 'unknown'}", False, message)
+            return UploadError(cause="no_such_bucket", retryable=False, message=message)
+        return UploadError(cause=f"client_error_{status or 'unknown'}", retryable=False, message=message)
     if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
-        return UploadError("no_credentials", False, str(exc))
+        return UploadError(cause="no_credentials", retryable=False, message=str(exc))
     if isinstance(exc, bx.ReadTimeoutError | bx.ConnectTimeoutError | asyncio.TimeoutError | TimeoutError):
-        return UploadError("timeout", True, str(exc) or type(exc).__name__)
+        return UploadError(cause="timeout", retryable=True, message=str(exc) or type(exc).__name__)
     if isinstance(exc, bx.EndpointConnectionError | bx.ConnectionClosedError | bx.HTTPClientError | OSError):
-        return UploadError("connection", True, str(exc) or type(exc).__name__)
+        return UploadError(cause="connection", retryable=True, message=str(exc) or type(exc).__name__)
     if isinstance(exc, bx.BotoCoreError):
-        return UploadError("client_error", True, str(exc))
-    return UploadError("unexpected", True, f"{type(exc).__name__}: {exc}")
+        return UploadError(cause="client_error", retryable=True, message=str(exc))
+    return UploadError(cause="unexpected", retryable=True, message=f"{type(exc).__name__}: {exc}")
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -164,7 +158,7 @@ def plan_parts(size: int, part_size: int) -> list[tuple[int, int]]:
 
 
 class S3Destination:
-    """A `deliver.Destination` for `s3://bucket[/prefix]`."""
+    """A `queue.Destination` for `s3://bucket[/prefix]`."""
 
     def __init__(self, uri: str, cfg: S3Config, *, kms_key_id: str | None = None) -> None:
         self.uri = uri
@@ -373,7 +367,11 @@ class S3Destination:
                     if upload["Key"] == key and await self._abort(key, upload["UploadId"]):
                         aborted += 1
         if key in self.unaborted.values():
-            raise UploadError("abort_failed", True, f"an open multipart upload of {key} could not be aborted")
+            raise UploadError(
+                cause="abort_failed",
+                retryable=True,
+                message=f"an open multipart upload of {key} could not be aborted",
+            )
         if aborted:
             log.info("aborted %d multipart upload(s) of %s left open by an earlier attempt", aborted, key)
         return aborted

@@ -18,7 +18,7 @@ import zlib
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
-from captured.delivery.s3 import UploadError
+from captured.errors import UploadError
 
 CHUNK_BYTES = 1024 * 1024
 
@@ -30,7 +30,7 @@ _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 
 def _short(path: str) -> UploadError:
     # The file ended before the part did: it changed after it was sealed. No retry mends that.
-    return UploadError("local_file", False, f"{path} is shorter than expected")
+    return UploadError(cause="local_file", retryable=False, message=f"{path} is shorter than expected")
 
 
 def crc32_of(path: str, offset: int, length: int) -> str:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import socket
 import sys
 from typing import Any
 
+import msgspec
+
 from captured import __version__
+from captured.service import status
 from captured.service.config import Config, ConfigError, Overrides, load_config, render_toml
+from captured.service.status import Status
 from captured.wire import frames
 
 EXIT_INVALID = 2
@@ -49,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace) -> Config:
+def _load(args: argparse.Namespace, *, check_host: bool = False) -> Config:
     overrides = Overrides(
         socket_path=args.socket,
         spool_dir=args.spool_dir,
@@ -58,7 +61,7 @@ def _load(args: argparse.Namespace) -> Config:
         variant_name=args.variant_name,
         sampling_percentage=args.sampling_percentage,
     )
-    return load_config(args.config, args.data_capture_config, overrides)
+    return load_config(args.config, args.data_capture_config, overrides, check_host=check_host)
 
 
 def _report(err: ConfigError) -> int:
@@ -68,8 +71,8 @@ def _report(err: ConfigError) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        cfg = _load(args)
+    try:  # what would stop the start (a spool that is a file, an unknown group) said as `check` says it
+        cfg = _load(args, check_host=True)
     except ConfigError as err:
         return _report(err)
     from captured.service import daemon, logs
@@ -88,8 +91,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Validate as `serve` does, and also look at this host for what would stop `serve` at start
+    (an unknown socket group, a spool directory that is no writable directory, ...); nothing is
+    created. Every problem is one line, exit 2; else the effective configuration, exit 0."""
     try:
-        cfg = _load(args)
+        cfg = _load(args, check_host=True)
     except ConfigError as err:
         return _report(err)
     sys.stdout.write(render_toml(cfg))
@@ -97,7 +103,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def query_status(socket_path: str, timeout: float = 5.0) -> dict[str, Any]:
+def fetch_status(socket_path: str, timeout: float = 5.0) -> Status:
     """One STATUS exchange over the capture socket."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
@@ -110,52 +116,15 @@ def query_status(socket_path: str, timeout: float = 5.0) -> dict[str, Any]:
                 raise ConnectionError("the daemon closed the connection without answering")
             for kind, payload in reader.feed(data):
                 if kind == frames.Kind.STATUS_REPLY:
-                    doc: dict[str, Any] = frames.any_decoder.decode(payload)
-                    return doc
+                    return status.decode(payload)
                 if kind == frames.Kind.ERROR:
                     raise ConnectionError(bytes(payload).decode("utf-8", "replace"))
 
 
-def _format_status(doc: dict[str, Any]) -> str:
-    """`captured status` for people: one line per aspect, the JSON (`--json`) has it all."""
-    c = doc["counters"]
-    d = doc.get("delivery", {})
-    w = doc.get("watermark", {})
-    ing = doc["ingest"]
-
-    def pairs(items: dict[str, int]) -> str:
-        return ", ".join(f"{k} {v}" for k, v in sorted(items.items())) or "none"
-
-    reason = f" ({doc['CaptureStatusReason']})" if doc.get("CaptureStatusReason") else ""
-    disk = "unknown"
-    if w.get("used_percent") is not None:
-        disk = (
-            f"{w['used_percent']:.1f}% used, {w['free_bytes'] / 1e9:.1f} GB free "
-            f"(stops at {w['high_percent']:g}%, starts again at {w['low_percent']:g}%"
-            + (f", or below {w['min_free_bytes']} bytes free" if w.get("min_free_bytes") else "")
-            + f"; stopped {w.get('stops', 0)} time(s))"
-        )
-    lines = [
-        f"endpoint            {doc['EndpointName']} (default variant {doc['VariantName']})",
-        f"CaptureStatus       {doc['CaptureStatus']}{reason}",
-        f"EnableCapture       {str(doc['EnableCapture']).lower()}",
-        f"sampling            {doc['CurrentSamplingPercentage']}%",
-        f"destination         {doc['DestinationS3Uri']}"
-        + (f" (SSE-KMS {doc['KmsKeyId']})" if doc.get("KmsKeyId") else ""),
-        f"records             received {c['received']}, written {c['written']}, "
-        f"dropped: {pairs(c['dropped'])}; resent (skipped) {c.get('resent', 0)}",
-        f"files               open {doc['spool']['open_files']}, sealed {doc['spool']['files_sealed']}, "
-        f"delivered {d.get('files_delivered', 0)}, waiting {d.get('files_waiting', 0)} "
-        f"({d.get('bytes_waiting', 0)} bytes, oldest {d.get('oldest_waiting_s', 0):.0f}s)",
-        f"delivery            {d.get('bytes_delivered', 0)} bytes delivered, {d.get('retries', 0)} retries, "
-        f"failures: {pairs(d.get('failures', {}))}",
-        f"disk                {disk}",
-        f"clients             {ing['connections']} connected, {ing['connections_total']} so far, "
-        f"closed by the daemon: {pairs(ing.get('protocol_errors', {}))}",
-        f"uptime              {doc['uptime_s']:.0f}s, version {doc['version']}, pid {doc['pid']}"
-        + (f", metrics on {doc['metrics']}" if doc.get("metrics") else ""),
-    ]
-    return "\n".join(lines) + "\n"
+def query_status(socket_path: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The status as the JSON document `captured status --json` prints (plain dicts)."""
+    doc: dict[str, Any] = msgspec.to_builtins(fetch_status(socket_path, timeout))
+    return doc
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -166,14 +135,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         except ConfigError as err:
             return _report(err)
     try:
-        doc = query_status(path, args.timeout)
-    except OSError as exc:
+        st = fetch_status(path, args.timeout)
+    except (OSError, msgspec.ValidationError) as exc:
         print(f"captured: no daemon answering on {path}: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(doc, indent=2, sort_keys=True))
+        print(status.to_json(st))
     else:
-        sys.stdout.write(_format_status(doc))
+        sys.stdout.write(status.format_status(st))
     return 0
 
 

@@ -25,42 +25,25 @@ import msgspec
 SDK_CSV_CONTENT_TYPES = ("text/csv",)
 SDK_JSON_CONTENT_TYPES = ("application/json",)
 
-#: The field names of `config.Config` and `config.DataCaptureConfig` (a test keeps them in step).
-TOP_LEVEL_KEYS = (
-    "endpoint_name",
-    "variant_name",
-    "socket_path",
-    "spool_dir",
-    "DataCaptureConfig",
-    "spool",
-    "ingest",
-    "s3",
-    "watermark",
-    "metrics",
-)
-DATA_CAPTURE_KEYS = (
-    "InitialSamplingPercentage",
-    "DestinationS3Uri",
-    "CaptureOptions",
-    "EnableCapture",
-    "KmsKeyId",
-    "CaptureContentTypeHeader",
-)
-
 _BARE_KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class Overrides(msgspec.Struct, frozen=True):
-    """Values from the command line; they win over every file. Relative paths resolve against cwd."""
+    """Values from the command line; they win over every file. Relative paths resolve against cwd.
+
+    Each replaces the top-level key of its name, or the `DataCaptureConfig` key `INNER` names.
+    """
 
     socket_path: str | None = None
     spool_dir: str | None = None
-    #: Replaces `DataCaptureConfig.DestinationS3Uri`.
     destination: str | None = None
     endpoint_name: str | None = None
     variant_name: str | None = None
-    #: Replaces `DataCaptureConfig.InitialSamplingPercentage`.
     sampling_percentage: int | None = None
+
+
+#: The `Overrides` that replace a key of `DataCaptureConfig`, and which.
+INNER = {"destination": "DestinationS3Uri", "sampling_percentage": "InitialSamplingPercentage"}
 
 
 class Source(NamedTuple):
@@ -94,16 +77,19 @@ def gather(
     environ: Mapping[str, str],
     cwd: str,
     problems: list[str],
+    data_capture_keys: Collection[str],
 ) -> Draft:
     """Defaults, then the TOML file, the JSON file and the overrides, each replacing what came before.
 
-    Unreadable and unparsable files are recorded in `problems`; `cwd` must be absolute.
+    Unreadable and unparsable files are recorded in `problems`; `cwd` must be absolute. Keys are
+    not checked here, not even unknown ones: validation reports them with the rest.
+    `data_capture_keys` tell a bare `DataCaptureConfig` object in the JSON file.
     """
     draft = _defaults(environ, cwd)
     if config_path is not None:
         _merge_toml(draft, config_path, cwd, problems)
     if data_capture_path is not None:
-        _merge_json(draft, data_capture_path, cwd, problems)
+        _merge_json(draft, data_capture_path, cwd, problems, data_capture_keys)
     _merge_overrides(draft, overrides, cwd)
     return draft
 
@@ -128,12 +114,7 @@ def _defaults(environ: Mapping[str, str], cwd: str) -> Draft:
         "socket_path": os.path.join(runtime, "capture.sock"),
         "spool_dir": os.path.join(state, "spool"),
         "DataCaptureConfig": data_capture,
-        "spool": {},  # the Struct defaults fill empty tables in
-        "ingest": {},
-        "s3": {},
-        "watermark": {},
-        "metrics": {},
-    }
+    }  # every other default is the Struct's
     return Draft(values, Source("", cwd))
 
 
@@ -150,13 +131,12 @@ def _merge_toml(draft: Draft, path: str, cwd: str, problems: list[str]) -> None:
         return
     source = Source(path, os.path.dirname(full))
     for key, value in data.items():
-        if key in TOP_LEVEL_KEYS:
-            draft.put(key, value, source)
-        else:
-            problems.append(f"{path}: {unknown_key(key, value, '', TOP_LEVEL_KEYS)}")
+        draft.put(key, value, source)
 
 
-def _merge_json(draft: Draft, path: str, cwd: str, problems: list[str]) -> None:
+def _merge_json(
+    draft: Draft, path: str, cwd: str, problems: list[str], data_capture_keys: Collection[str]
+) -> None:
     full = os.path.join(cwd, path)
     data = _read(path, full, problems, json.loads, "JSON")
     if data is None:
@@ -167,7 +147,7 @@ def _merge_json(draft: Draft, path: str, cwd: str, problems: list[str]) -> None:
     # A whole CreateEndpointConfig request or saved DescribeEndpointConfig response: only its
     # DataCaptureConfig matters, the keys around it are none of our business.
     wrapped = "DataCaptureConfig" in data
-    if not wrapped and not data.keys() & set(DATA_CAPTURE_KEYS):
+    if not wrapped and not data.keys() & set(data_capture_keys):
         problems.append(
             f"{path}: no DataCaptureConfig found: expected the bare object"
             ' or an object holding it under a "DataCaptureConfig" key'
@@ -197,21 +177,19 @@ def _read(
 
 def _merge_overrides(draft: Draft, overrides: Overrides, cwd: str) -> None:
     source = Source("", cwd)
-    for key in ("endpoint_name", "variant_name", "socket_path", "spool_dir"):
-        value = getattr(overrides, key)
-        if value is not None:
-            draft.put(key, value, source)
-    inner = {
-        "DestinationS3Uri": overrides.destination,
-        "InitialSamplingPercentage": overrides.sampling_percentage,
-    }
-    for name, value in inner.items():
+    for name in overrides.__struct_fields__:
+        value = getattr(overrides, name)
+        if value is None:
+            continue
+        if name not in INNER:
+            draft.put(name, value, source)
+            continue
         data_capture = draft.values["DataCaptureConfig"]
         # Not a table: validation reports that, and there is nothing inside to override.
-        if value is not None and isinstance(data_capture, dict):
+        if isinstance(data_capture, dict):
             # A copy: the dict may be the one a file was parsed into.
-            draft.values["DataCaptureConfig"] = {**data_capture, name: value}
-            draft.sources[f"DataCaptureConfig.{name}"] = source
+            draft.values["DataCaptureConfig"] = {**data_capture, INNER[name]: value}
+            draft.sources[f"DataCaptureConfig.{INNER[name]}"] = source
 
 
 def show(value: object, limit: int = 80) -> str:
@@ -252,12 +230,15 @@ def _table(lines: list[str], name: str, struct: msgspec.Struct) -> None:
         value = getattr(struct, field)
         if isinstance(value, msgspec.Struct):
             nested.append((field, value))  # TOML wants a table's plain keys before its sub-tables
-        elif field == "socket_mode":
-            lines.append(f"{field} = 0o{value:03o}")
         elif value is not None:
-            lines.append(f"{field} = {_value(value)}")
+            lines.append(f"{field} = {toml_value(field, value)}")
     for field, value in nested:
         _table(lines, f"{name}.{field}" if name else field, value)
+
+
+def toml_value(field: str, value: object) -> str:
+    """The TOML literal of field `field`'s `value` (permission bits in octal)."""
+    return f"0o{value:03o}" if field == "socket_mode" and isinstance(value, int) else _value(value)
 
 
 def _value(value: object) -> str:

@@ -1,11 +1,13 @@
 """Prometheus metrics: the status document as counters and gauges, served over HTTP.
 
-`render(doc)` turns one `Daemon.status()` document into the text exposition format with
+`render(status)` turns one `Daemon.status()` into the text exposition format with
 prometheus-client (its formatting, escaping and content type, not ours); `MetricsServer` answers
 `GET /metrics` on a TCP address (`127.0.0.1:9464`) or a Unix socket path, on the daemon's own
 event loop, so every scrape reads the counters at one instant between two batches: they add up
 (received = written + the drops of every reason). Labels stay low-cardinality: a drop reason,
-a failure cause, a protocol error reason.
+a failure cause, a close reason. Every known drop reason, close reason and the common failure
+causes have a series from the start (at 0), so the identity and `rate()` work on a healthy
+daemon before the first drop.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from captured.daemon.ingest import CLOSE_REASONS
+from captured.daemon.pipeline import DROP_REASONS
+from captured.service.status import Status
 
 log = logging.getLogger("captured.metrics")
 
@@ -28,14 +33,36 @@ MAX_REQUEST_BYTES = 8192
 REQUEST_TIMEOUT_S = 5.0
 
 
+#: Delivery failure causes that get a series from the start (any other appears when it happens).
+KNOWN_FAILURE_CAUSES = (
+    "timeout",
+    "connection",
+    "throttled",
+    "server_error",
+    "access_denied",
+    "bad_credentials",
+    "no_such_bucket",
+    "kms_key",
+    "no_credentials",
+    "uploader_exited",
+    "disk_full",
+    "internal",
+)
+
+
+def _with_zeros(known: tuple[str, ...], seen: dict[str, int]) -> dict[str, int]:
+    """Every known label at 0 unless seen, so `rate()` and sums work before the first event."""
+    return {**dict.fromkeys(known, 0), **seen}
+
+
 class _StatusCollector:
-    def __init__(self, doc: dict[str, Any]) -> None:
-        self.doc = doc
+    def __init__(self, status: Status) -> None:
+        self.status = status
 
     def collect(self) -> Iterator[Metric]:
-        doc = self.doc
-        c = doc["counters"]
-        labels = {"endpoint": doc["EndpointName"]}
+        st = self.status
+        c = st.counters
+        labels = {"endpoint": st.endpoint_name}
         names, values = list(labels), list(labels.values())
 
         def counter(name: str, help_: str, value: float) -> CounterMetricFamily:
@@ -55,69 +82,60 @@ class _StatusCollector:
             return m
 
         info = InfoMetricFamily("captured_build", "captured version", labels=names)
-        info.add_metric(values, {"version": str(doc["version"])})
+        info.add_metric(values, {"version": st.version})
         yield info
-        yield counter("records_received", "Records read from clients", c["received"])
-        yield counter("records_written", "Records written to the spool", c["written"])
-        yield by("records_dropped", "Records dropped, by reason", "reason", c["dropped"])
-        yield counter(
-            "records_resent", "Records sent again that were already taken (skipped)", c.get("resent", 0)
+        yield counter("records_received", "Records read from clients", c.received)
+        yield counter("records_written", "Records written to the spool", c.written)
+        yield by(
+            "records_dropped", "Records dropped, by reason", "reason", _with_zeros(DROP_REASONS, c.dropped)
         )
-        sessions = doc.get("sessions", {})
-        yield gauge("client_sessions", "Protocol 2 client sessions remembered", sessions.get("remembered", 0))
-        yield gauge("capture_enabled", "EnableCapture (1) or not (0)", 1 if doc["EnableCapture"] else 0)
+        yield counter("records_resent", "Records sent again that were already taken (skipped)", c.resent)
+        yield gauge("client_sessions", "Protocol 2 client sessions remembered", st.sessions.remembered)
+        yield gauge("capture_enabled", "EnableCapture (1) or not (0)", int(st.enable_capture))
+        yield gauge("capture_started", "CaptureStatus Started (1) or Stopped (0)", int(st.started))
+        yield gauge("sampling_percentage", "Current sampling percentage", st.current_sampling_percentage)
+        sp = st.spool
         yield gauge(
-            "capture_started",
-            "CaptureStatus Started (1) or Stopped (0)",
-            int(doc["CaptureStatus"] == "Started"),
+            "spool_open_files", "Spool files not yet handed to delivery (open or being sealed)", sp.open_files
         )
-        yield gauge("sampling_percentage", "Current sampling percentage", doc["CurrentSamplingPercentage"])
-        spool = doc["spool"]
-        yield gauge(
-            "spool_open_files",
-            "Spool files not yet handed to delivery (open or being sealed)",
-            spool["open_files"],
-        )
-        yield counter("spool_files_sealed", "Spool files sealed", spool["files_sealed"])
-        yield counter("spool_written_bytes", "Bytes written to the spool", spool["bytes_written"])
-        d = doc["delivery"]
-        yield counter("delivery_files", "Files delivered", d["files_delivered"])
-        yield counter("delivery_bytes", "Bytes delivered", d["bytes_delivered"])
-        yield counter("delivery_retries", "Delivery attempts that failed and were retried", d["retries"])
+        yield counter("spool_files_sealed", "Spool files sealed", sp.files_sealed)
+        yield counter("spool_written_bytes", "Bytes written to the spool", sp.bytes_written)
+        d = st.delivery
+        yield counter("delivery_files", "Files delivered", d.files_delivered)
+        yield counter("delivery_bytes", "Bytes delivered", d.bytes_delivered)
+        yield counter("delivery_retries", "Delivery attempts that failed and were retried", d.retries)
         yield by(
             "delivery_failures",
             "Failed delivery attempts, by cause",
             "cause",
-            d["failures"],
+            _with_zeros(KNOWN_FAILURE_CAUSES, d.failures),
         )
-        yield gauge("delivery_files_waiting", "Sealed files waiting for delivery", d["files_waiting"])
-        yield gauge("delivery_waiting_bytes", "Bytes waiting for delivery", d["bytes_waiting"])
-        yield gauge(
-            "delivery_oldest_waiting_seconds", "Age of the oldest waiting file", d["oldest_waiting_s"]
-        )
-        w = doc["watermark"]
-        if w.get("used_percent") is not None:
-            yield gauge("disk_used_percent", "Spool filesystem usage", w["used_percent"])
-            yield gauge("disk_free_bytes", "Spool filesystem free bytes", w["free_bytes"])
-        yield gauge("watermark_high_percent", "Capture stops at this usage", w["high_percent"])
-        yield gauge("watermark_low_percent", "Capture starts again at this usage", w["low_percent"])
-        yield counter("watermark_stops", "Times capture stopped for the disk", w["stops"])
-        ing = doc["ingest"]
-        yield gauge("clients_connected", "Client connections open", ing["connections"])
-        yield counter("client_connections", "Client connections accepted", ing["connections_total"])
+        yield gauge("delivery_files_waiting", "Sealed files waiting for delivery", d.files_waiting)
+        yield gauge("delivery_waiting_bytes", "Bytes waiting for delivery", d.bytes_waiting)
+        yield gauge("delivery_oldest_waiting_seconds", "Age of the oldest waiting file", d.oldest_waiting_s)
+        w = st.watermark
+        if w.used_percent is not None and w.free_bytes is not None:
+            yield gauge("disk_used_percent", "Spool filesystem usage", w.used_percent)
+            yield gauge("disk_free_bytes", "Spool filesystem free bytes", w.free_bytes)
+        yield gauge("watermark_high_percent", "Capture stops at this usage", w.high_percent)
+        yield gauge("watermark_low_percent", "Capture starts again at this usage", w.low_percent)
+        yield counter("watermark_stops", "Times capture stopped for the disk", w.stops)
+        ing = st.ingest
+        yield gauge("clients_connected", "Client connections open", ing.connections)
+        yield counter("client_connections", "Client connections accepted", ing.connections_total)
         yield by(
             "client_connections_closed",
             "Connections the daemon closed, by reason",
             "reason",
-            ing["protocol_errors"],
+            _with_zeros(CLOSE_REASONS, ing.connections_closed),
         )
-        yield gauge("uptime_seconds", "Seconds since the daemon started", doc["uptime_s"])
+        yield gauge("uptime_seconds", "Seconds since the daemon started", st.uptime_s)
 
 
-def render(doc: dict[str, Any]) -> bytes:
-    """The status document in Prometheus' text format."""
+def render(status: Status) -> bytes:
+    """The status in Prometheus' text format."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StatusCollector(doc))
+    registry.register(_StatusCollector(status))
     return generate_latest(registry)
 
 
@@ -132,7 +150,7 @@ def parse_address(address: str) -> tuple[str, int] | str:
 
 
 class MetricsServer:
-    def __init__(self, address: str, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, address: str, status: Callable[[], Status]) -> None:
         self.address = address
         self.status = status
         self._server: asyncio.Server | None = None

@@ -61,6 +61,10 @@ from typing import Annotated, Any
 
 import msgspec
 
+# Part of the wire contract: both sides catch `frames.ProtocolError`.
+from captured.errors import ProtocolError as ProtocolError
+from captured.wire import rules
+
 MAGIC = b"CP"
 #: The newest version spoken; the daemon serves every version in SUPPORTED_VERSIONS.
 PROTOCOL_VERSION = 2
@@ -90,10 +94,10 @@ class Kind(enum.IntEnum):
 _KINDS = frozenset(int(k) for k in Kind)
 
 # A SageMaker inference id: 1..64 characters. Custom attributes: at most 1024 characters.
-InferenceId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-CustomAttributes = Annotated[str, msgspec.Meta(max_length=1024)]
-EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-ContentType = Annotated[str, msgspec.Meta(max_length=1024)]
+InferenceId = Annotated[str, msgspec.Meta(min_length=1, max_length=rules.MAX_INFERENCE_ID)]
+CustomAttributes = Annotated[str, msgspec.Meta(max_length=rules.MAX_CUSTOM_ATTRIBUTES)]
+EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=rules.MAX_EVENT_ID)]
+ContentType = Annotated[str, msgspec.Meta(max_length=rules.MAX_CONTENT_TYPE)]
 VariantName = Annotated[str, msgspec.Meta(min_length=1, max_length=63)]
 
 
@@ -129,14 +133,6 @@ class Hello(msgspec.Struct, array_like=True, gc=False, frozen=True):
     window: Annotated[int, msgspec.Meta(ge=0)]
 
 
-class ProtocolError(Exception):
-    """The peer broke the protocol; `reason` is the counter name."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 _encoder = msgspec.msgpack.Encoder()
 batch_decoder = msgspec.msgpack.Decoder(list[Record])
 raw_list_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
@@ -170,17 +166,17 @@ def parse_header(buf: bytes | bytearray | memoryview, max_frame_bytes: int) -> t
     """Validate the 8-byte header at the start of `buf`; return (kind, payload length)."""
     magic, version, kind, length = HEADER.unpack_from(buf)
     if magic != MAGIC:
-        raise ProtocolError("bad_header", "not a captured frame (bad magic)")
+        raise ProtocolError(reason="bad_header", message="not a captured frame (bad magic)")
     if version != 1 and version != 2:  # SUPPORTED_VERSIONS, spelled out: this runs per frame
         raise ProtocolError(
-            "unsupported_version",
-            f"protocol version {version} is not supported; this peer speaks versions 1 and 2",
+            reason="unsupported_version",
+            message=f"protocol version {version} is not supported; this peer speaks versions 1 and 2",
         )
     if kind not in _KINDS:
-        raise ProtocolError("unknown_kind", f"unknown frame kind {kind}")
+        raise ProtocolError(reason="unknown_kind", message=f"unknown frame kind {kind}")
     if length > max_frame_bytes:
         raise ProtocolError(
-            "frame_too_large", f"frame of {length} bytes exceeds the maximum {max_frame_bytes}"
+            reason="frame_too_large", message=f"frame of {length} bytes exceeds the maximum {max_frame_bytes}"
         )
     return kind, length
 

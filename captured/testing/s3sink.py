@@ -17,9 +17,10 @@ uvloop, bodies kept as they arrive, the CRC32 a client sends checked (zlib), no 
     GET    /bucket/key, HEAD /bucket/key             GetObject, HeadObject
     POST   /_sink/reset, GET /_sink/ping             forget everything; "are you there"
 
-`SinkServer` runs it as a child process with the interface of `tests/s3fixtures.MotoServer`
-(port on stdout, exit when stdin closes, a lifetime cap). bench/ingest.py uses it with
-`--s3-server sink`. It is a benchmark tool, not a test double: the tests use moto.
+`SinkServer` runs it as a child process (`python -m captured.testing.s3sink HOST LIFETIME`) with
+the interface of `captured.testing.s3.MotoServer` (port on stdout, exit when stdin closes, a
+lifetime cap). bench/ingest.py uses it with `--s3-server sink`. It stands in for a remote S3 in
+benchmarks; it is not a faithful test double (no signatures, one-page listings): tests use moto.
 """
 
 from __future__ import annotations
@@ -32,17 +33,18 @@ import threading
 import time
 import uuid
 import zlib
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from s3fixtures import MotoServer, _http
+from captured.testing.s3 import MotoServer, http_request
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 NS = "http://s3.amazonaws.com/doc/2006-03-01/"
 
 
-def _xml(root: str, body: str) -> Any:
+def _xml(root: str, body: str) -> web.Response:
     """An S3 XML reply."""
     from aiohttp import web
 
@@ -51,6 +53,8 @@ def _xml(root: str, body: str) -> Any:
 
 
 class Store:
+    """Buckets (key -> body, ETag, mtime) and open multipart uploads (id -> bucket, key, parts)."""
+
     def __init__(self) -> None:
         self.buckets: dict[str, dict[str, tuple[bytes, str, float]]] = {}
         self.uploads: dict[str, tuple[str, str, dict[int, tuple[bytes, str]]]] = {}
@@ -60,14 +64,14 @@ class Store:
         self.uploads.clear()
 
 
-def _error(status: int, code: str, message: str) -> Any:
+def _error(status: int, code: str, message: str) -> web.Response:
     from aiohttp import web
 
     body = f"<Error><Code>{code}</Code><Message>{escape(message)}</Message></Error>".encode()
     return web.Response(status=status, body=body, content_type="application/xml")
 
 
-async def _checked_body(request: Any) -> tuple[bytes, Any]:
+async def _checked_body(request: web.Request) -> tuple[bytes, web.Response | None]:
     """The request's body, and a 400 BadDigest reply if it carries a CRC32 the body does not have."""
     body: bytes = await request.read()
     sent = request.headers.get("x-amz-checksum-crc32")
@@ -216,13 +220,13 @@ class SinkServer(MotoServer):
     """This module's server in a child process, with `MotoServer`'s interface."""
 
     def command(self) -> list[str]:
-        return [sys.executable, str(Path(__file__).resolve()), self.host, str(self.max_lifetime)]
+        return [sys.executable, "-m", "captured.testing.s3sink", self.host, str(self.max_lifetime)]
 
     def answers(self) -> bool:
-        return _http(self.host, self.port, "GET", "/_sink/ping", timeout=2.0) == (200, b"sink")
+        return http_request(self.host, self.port, "GET", "/_sink/ping", timeout=2.0) == (200, b"sink")
 
     def reset(self) -> None:
-        status, body = _http(self.host, self.port, "POST", "/_sink/reset")
+        status, body = http_request(self.host, self.port, "POST", "/_sink/reset")
         if status != 200:
             raise RuntimeError(f"sink reset failed: {status} {body!r}")
 

@@ -1,18 +1,22 @@
-"""Seeded request/response pairs shaped like a tabular model's traffic, shared by bench and tests.
+"""Test data: seeded request/response pairs shaped like a tabular model's traffic, and a
+`DataCaptureConfig` for encoder tests.
 
 A request is one CSV line of numeric features ending in "\\n" (about `size` bytes); a response is
 one score such as "0.0121608814". Only `DISTINCT` different pairs are generated and then cycled,
 so a million-record run holds a million references to a thousand objects, not a million bodies.
+The benchmarks (bench/) send these pairs, and the tests check that they encode and read back.
 """
 
 from __future__ import annotations
 
 import random
 
+from captured.service.config import CaptureContentTypeHeader, CaptureOption, DataCaptureConfig
+
 #: How many different pairs `payloads` generates before it starts cycling them.
 DISTINCT = 1024
 
-#: `--payload` choices -> request body size in bytes.
+#: `--payload` choices of the benchmarks -> request body size in bytes.
 PAYLOAD_SIZES = {"250": 250, "8k": 8 * 1024}
 
 Pair = tuple[bytes, bytes]
@@ -49,3 +53,18 @@ def payloads(n: int, seed: int = 0, size: int = 250) -> list[Pair]:
 def body_bytes(pairs: list[Pair]) -> int:
     """Request plus response bytes of `pairs`."""
     return sum(len(req) + len(resp) for req, resp in pairs)
+
+
+def dcc(
+    csv: tuple[str, ...] | None = ("text/csv",),
+    js: tuple[str, ...] | None = ("application/json",),
+    modes: tuple[str, ...] = ("Input", "Output"),
+    header: bool = True,
+) -> DataCaptureConfig:
+    """A DataCaptureConfig for encoder tests: 100 %, these capture modes and content types."""
+    return DataCaptureConfig(
+        InitialSamplingPercentage=100,
+        DestinationS3Uri="file:///tmp/out",
+        CaptureOptions=tuple(CaptureOption(m) for m in modes),
+        CaptureContentTypeHeader=CaptureContentTypeHeader(csv, js) if header else None,
+    )
