@@ -3,6 +3,7 @@
 ::
 
     CapturedError
+    ├── ConfigError            the configuration was refused (`problems`: one line each)
     ├── ProtocolError          a peer sent bad frames (`reason`: the counter name)
     ├── DeliveryError          a destination could not take a file (`cause`, `retryable`)
     │   ├── UploadError        s3://
@@ -24,6 +25,17 @@ from typing import Any
 
 class CapturedError(Exception):
     """The root: everything `captured` raises on purpose derives from it."""
+
+
+class ConfigError(CapturedError):
+    """The configuration was refused; `problems` holds one line per problem found."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.problems,))
 
 
 class ProtocolError(CapturedError):

@@ -15,6 +15,7 @@ import pytest
 from captured import errors
 from captured.errors import (
     CapturedError,
+    ConfigError,
     DeliveryError,
     LocalDeliveryError,
     ProtocolError,
@@ -25,7 +26,7 @@ from captured.wire import frames
 
 
 def test_every_error_derives_from_the_root() -> None:
-    for cls in (ProtocolError, DeliveryError, UploadError, LocalDeliveryError, SpoolWriteError):
+    for cls in (ConfigError, ProtocolError, DeliveryError, UploadError, LocalDeliveryError, SpoolWriteError):
         assert issubclass(cls, CapturedError)
     assert issubclass(UploadError, DeliveryError) and issubclass(LocalDeliveryError, DeliveryError)
     assert not issubclass(UploadError, LocalDeliveryError) and not issubclass(LocalDeliveryError, UploadError)
@@ -118,6 +119,7 @@ def test_a_spool_write_error_is_the_os_error_plus_what_was_written() -> None:
         LocalDeliveryError(cause="disk_full", retryable=True, message="No space left on device"),
         ProtocolError(reason="bad_header", message="bad magic"),
         SpoolWriteError(error=OSError(errno.ENOSPC, "No space left on device"), written=7),
+        ConfigError(["a.toml: spool.max_file_bytes = 1: must be from 1024", "b.json: bad JSON"]),
     ],
 )
 def test_errors_survive_pickle_and_copy(err: CapturedError) -> None:

@@ -29,6 +29,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from captured.errors import ConfigError as ConfigError
 from captured.service import configrules as rules
 from captured.service.configcheck import Checker, check_tree, replace_block, table_rows, whole
 from captured.service.configfile import SDK_CSV_CONTENT_TYPES as SDK_CSV_CONTENT_TYPES
@@ -99,14 +100,6 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     s3: S3Config = S3Config()
     watermark: WatermarkConfig = WatermarkConfig()
     metrics: MetricsConfig = MetricsConfig()
-
-
-class ConfigError(Exception):
-    """The configuration was refused; `problems` holds one line per problem found."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 _NO_OVERRIDES = Overrides()
