@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from captured.daemon.recovery import scan_spool
 from captured.delivery.local import LocalDestination, file_uri_path, local_error
 from captured.delivery.queue import Delivery, DeliveryStats
 from captured.errors import DeliveryError, LocalDeliveryError, UploadError
@@ -125,15 +124,6 @@ def test_a_full_destination_is_counted_as_disk_full_and_retried(tmp_path: Path, 
     assert stats.files_delivered == 1 and not (spool / NAME).exists()
 
 
-def test_scan_spool_takes_only_its_endpoint(tmp_path: Path) -> None:
-    (tmp_path / NAME).write_bytes(b"1\n")
-    (tmp_path / ("other-" + NAME)).write_bytes(b"1\n")
-    (tmp_path / (NAME + ".part")).write_bytes(b"1\n")
-    sealed, parts = scan_spool(str(tmp_path), "ep")
-    assert [os.path.basename(p) for p, _ in sealed] == [NAME]
-    assert [os.path.basename(p) for p in parts] == [NAME + ".part"]
-
-
 def test_a_file_removed_from_the_spool_is_not_retried_forever(tmp_path: Path) -> None:
     async def go() -> DeliveryStats:
         d = Delivery(LocalDestination(f"file://{tmp_path / 'out'}"))
@@ -215,3 +205,37 @@ def test_a_failed_local_delivery_is_named_after_its_errno(exc: OSError, cause: s
     err = local_error(exc)
     assert type(err) is LocalDeliveryError and isinstance(err, DeliveryError)
     assert (err.cause, err.retryable, str(err)) == (cause, retryable, str(exc))
+
+
+def test_drain_gives_up_once_no_waiting_file_can_be_tried_again_before_the_deadline(tmp_path: Path) -> None:
+    """Shutdown with a file whose failure is fatal (retried every minute): with a 30 s deadline,
+    waiting cannot deliver it, so `drain` says False at once instead of holding the stop for 30 s.
+    The file stays queued and in the spool. A retryable failure due before the deadline is
+    still waited for (and then delivered)."""
+    (tmp_path / NAME).write_bytes(b"1\n")
+    denied = UploadError(cause="access_denied", retryable=False, message="403")
+
+    async def fatal() -> tuple[bool, float, DeliveryStats]:
+        d = Delivery(ScriptedDestination([denied]), fatal_retry_s=60)
+        async with running(d):
+            d.submit(str(tmp_path / NAME), 2)
+            t0 = time.monotonic()
+            drained = await d.drain(30)
+            return drained, time.monotonic() - t0, d.statistics()
+
+    drained, waited, stats = asyncio.run(fatal())
+    assert not drained and waited < 15  # not the whole 30 s
+    assert stats.failures == {"access_denied": 1} and stats.files_waiting == 1
+    assert (tmp_path / NAME).exists()
+
+    timeout = UploadError(cause="timeout", retryable=True, message="read timed out")
+
+    async def retryable() -> tuple[bool, DeliveryStats]:
+        d = Delivery(ScriptedDestination([timeout]))
+        d.RETRY_MIN_S = 0.2
+        async with running(d):
+            d.submit(str(tmp_path / NAME), 2)
+            return await d.drain(30), d.statistics()
+
+    drained, stats = asyncio.run(retryable())
+    assert drained and stats.files_delivered == 1 and stats.failures == {"timeout": 1}

@@ -1,4 +1,6 @@
-"""Hourly spool files: naming, sealing rules (with injected clocks), torn-line recovery."""
+"""Hourly spool files: naming, sealing rules (with injected clocks), flushes and reserved disk.
+
+Recovery of what a crash left (`recover_part`) is tested in test_recovery.py."""
 
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from typing import Any
 import pytest
 
 from captured.daemon import spool as spool_module
-from captured.daemon.recovery import recover_part
 from captured.daemon.spool import Spool, file_stem, object_key
 from captured.daemon.syncer import Syncer, ThreadSyncer
 from captured.errors import SpoolWriteError
@@ -186,18 +187,6 @@ def test_empty_file_is_never_sealed(tmp_path: Path) -> None:
     assert sealed == [] and os.listdir(tmp_path) == []
 
 
-def test_recover_part_cuts_a_torn_last_line(tmp_path: Path) -> None:
-    p = tmp_path / "x.jsonl.part"
-    p.write_bytes(lines(3) + b'{"torn')
-    assert recover_part(str(p)) == 30
-    assert p.read_bytes() == lines(3)
-    p.write_bytes(b"no newline at all")
-    assert recover_part(str(p)) == 0
-    big = lines(20000) + b"x" * 70000  # torn tail longer than one read block
-    p.write_bytes(big)
-    assert recover_part(str(p)) == 200000
-
-
 class RecordingSyncer(Syncer):
     """Inline, but remembers what it ran: ("sync", fd) flushes and seals."""
 
@@ -335,19 +324,6 @@ def test_open_files_reserve_disk_ahead_and_give_it_back_when_sealed(tmp_path: Pa
     ((path, size),) = sealed
     assert size == len(data) and Path(path).read_bytes() == data
     assert _allocated(path) < len(data) + 65536
-
-
-def test_recovery_gives_back_disk_reserved_past_the_last_line(tmp_path: Path) -> None:
-    part = tmp_path / "e.AllTraffic.2021-05-18-00.28-04-146-x.jsonl.part"
-    part.write_bytes(lines(100))
-    fd = os.open(part, os.O_WRONLY)
-    try:
-        if not spool_module.reserve(fd, 0, 8 * 1024 * 1024) or _allocated(part) < 8 * 1024 * 1024:
-            pytest.skip("this filesystem does not reserve space with FALLOC_FL_KEEP_SIZE")
-    finally:
-        os.close(fd)
-    assert recover_part(str(part)) == len(lines(100))
-    assert part.read_bytes() == lines(100) and _allocated(part) < 65536
 
 
 def test_writes_go_on_where_disk_cannot_be_reserved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

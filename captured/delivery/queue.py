@@ -167,10 +167,17 @@ class Delivery:
         return [w.path for w in (*self._queue, *self._in_flight)]
 
     async def drain(self, timeout_s: float) -> bool:
-        """Wait until every submitted file is delivered (True) or `timeout_s` passes (False)."""
+        """Wait until every submitted file is delivered (True) or `timeout_s` passes (False).
+
+        Gives up early, once nothing is in flight and no waiting file is due for another attempt
+        before the deadline (say every one failed for a cause retried every minute): waiting
+        longer cannot deliver anything.
+        """
         deadline = self._monotonic() + timeout_s
         while self._queue or self._in_flight:
             if self._monotonic() >= deadline:
+                return False
+            if not self._in_flight and all(w.not_before > deadline for w in self._queue):
                 return False
             await asyncio.sleep(0.02)
         return True
