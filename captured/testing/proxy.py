@@ -25,7 +25,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from captured.testing.s3 import LOOPBACK
 
@@ -33,7 +33,73 @@ Mode = Literal["pass", "refuse", "stall"]
 MODES: tuple[Mode, ...] = ("pass", "refuse", "stall")
 
 
-class FaultProxy:
+class _LoopThread:
+    """A server on an asyncio loop of its own, in one background thread: `start`, `stop`, and a
+    context manager. Subclasses define `_start_server` and `_shutdown` (run on that loop)."""
+
+    START_TIMEOUT_S = 5.0
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self) -> Self:
+        ready = threading.Event()
+        name = type(self).__name__
+        self._thread = threading.Thread(target=self._run, args=(ready,), name=name, daemon=True)
+        self._thread.start()
+        if not ready.wait(self.START_TIMEOUT_S) or self._error is not None:
+            self.stop()
+            raise RuntimeError(f"{name} did not start: {self._error!r}")
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is not None and thread is not None and thread.is_alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout)
+            loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                raise RuntimeError(f"{type(self).__name__} thread did not stop")
+        self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._start_server())
+        except BaseException as exc:
+            self._error = exc
+            ready.set()
+            loop.close()
+            return
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(self._shutdown())
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    async def _start_server(self) -> None:
+        raise NotImplementedError
+
+    async def _shutdown(self) -> None:
+        raise NotImplementedError
+
+
+class FaultProxy(_LoopThread):
     """TCP proxy 127.0.0.1:<free port> -> upstream, with run-time switchable faults.
 
     Modes (switch with `set_mode`, effective when it returns):
@@ -60,12 +126,10 @@ class FaultProxy:
         self.bytes_up = 0
         self.bytes_down = 0
         self.peak_active = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self._server: asyncio.AbstractServer | None = None
         self._flowing: asyncio.Event | None = None
         self._conns: dict[asyncio.Task[None], list[asyncio.StreamWriter]] = {}
-        self._error: BaseException | None = None
 
     @property
     def endpoint_url(self) -> str:
@@ -77,15 +141,6 @@ class FaultProxy:
 
     # -- test-thread API --------------------------------------------------------------
 
-    def start(self, timeout: float = 5.0) -> FaultProxy:
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="FaultProxy", daemon=True)
-        self._thread.start()
-        if not ready.wait(timeout) or self._error is not None:
-            self.stop()
-            raise RuntimeError(f"FaultProxy did not start: {self._error!r}")
-        return self
-
     def set_mode(self, mode: Mode, timeout: float = 5.0) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
@@ -95,45 +150,7 @@ class FaultProxy:
     def reset_counters(self) -> None:
         self.accepted = self.refused = self.bytes_up = self.bytes_down = self.peak_active = 0
 
-    def stop(self, timeout: float = 5.0) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is not None and thread is not None and thread.is_alive():
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout)
-            loop.call_soon_threadsafe(loop.stop)
-        if thread is not None:
-            thread.join(timeout)
-            if thread.is_alive():
-                raise RuntimeError("FaultProxy thread did not stop")
-        self._thread = None
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # -- loop thread ------------------------------------------------------------------
-
-    def _run(self, ready: threading.Event) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._start_server())
-        except BaseException as exc:
-            self._error = exc
-            ready.set()
-            loop.close()
-            return
-        ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            with contextlib.suppress(Exception):
-                loop.run_until_complete(self._shutdown())
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
-            loop.close()
 
     async def _start_server(self) -> None:
         self._flowing = asyncio.Event()
@@ -245,7 +262,7 @@ def s3_operation(method: str, query: Any) -> str:
     return method.capitalize()
 
 
-class S3FaultProxy:
+class S3FaultProxy(_LoopThread):
     """HTTP proxy 127.0.0.1:<free port> -> an S3 server, with a fault decided per request.
 
     `rule(operation, n)` (n: this operation's 1-based count so far) names the action:
@@ -261,7 +278,10 @@ class S3FaultProxy:
     answers the proxy puts the time it saw each upload created (those created through it).
     """
 
+    START_TIMEOUT_S = 10.0
+
     def __init__(self, upstream: str, host: str = LOOPBACK) -> None:
+        super().__init__()
         self.upstream = upstream.rstrip("/")
         self.host = host
         self.port = 0
@@ -269,11 +289,8 @@ class S3FaultProxy:
         self.counts: dict[str, int] = {}
         self.seen: dict[tuple[str, str], int] = {}
         self.initiated: dict[str, str] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._runner: Any = None
         self._session: Any = None
-        self._error: BaseException | None = None
 
     @property
     def endpoint_url(self) -> str:
@@ -282,51 +299,6 @@ class S3FaultProxy:
     def done(self, operation: str, action: str) -> int:
         """How many `operation` requests got `action` so far."""
         return self.seen.get((operation, action), 0)
-
-    def __enter__(self) -> S3FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def start(self, timeout: float = 10.0) -> S3FaultProxy:
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="S3FaultProxy", daemon=True)
-        self._thread.start()
-        if not ready.wait(timeout) or self._error is not None:
-            self.stop()
-            raise RuntimeError(f"S3FaultProxy did not start: {self._error!r}")
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is not None and thread is not None and thread.is_alive():
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout)
-            loop.call_soon_threadsafe(loop.stop)
-        if thread is not None:
-            thread.join(timeout)
-            if thread.is_alive():
-                raise RuntimeError("S3FaultProxy thread did not stop")
-        self._thread = None
-
-    def _run(self, ready: threading.Event) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._start_server())
-        except BaseException as exc:
-            self._error = exc
-            ready.set()
-            loop.close()
-            return
-        ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            with contextlib.suppress(Exception):
-                loop.run_until_complete(self._shutdown())
-            loop.close()
 
     async def _start_server(self) -> None:
         import aiohttp
