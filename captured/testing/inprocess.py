@@ -12,17 +12,26 @@
 Behaviour that needs no process boundary (rotation, sampling, counters, status, reload) is
 tested this way: no subprocess, no sleeping for an hour. Signals, exit codes, SIGKILL recovery
 and socket activation keep their subprocess tests (`captured.testing.daemon`).
+
+`write_config(root)` writes and loads the config a `DaemonProcess(root)` would run on;
+`delivered_files` / `delivered_lines` read what reached its `file://` destination after the
+`async with` block (the daemon seals and delivers on stop); `csv_pair` and `raw_records` are
+the records the daemon tests send.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
-from captured.service.config import Config
+from captured.service.config import Config, Overrides, load_config
 from captured.service.daemon import TICK_S, Clock, Daemon
+from captured.testing.daemon import DaemonProcess
 
 
 class FakeClock(Clock):
@@ -72,3 +81,48 @@ async def daemon_ticks(daemon: Daemon, n: int = 2) -> None:
     """Let the daemon's heartbeat run `n` times (rotation, the watermark, the journal)."""
     await asyncio.sleep(TICK_S * n + 0.05)
     await daemon.spool.syncer.wait()
+
+
+def write_config(
+    root: Path, extra_toml: str = "", data_capture: str | None = None, overrides: Overrides | None = None
+) -> Config:
+    """The config a `DaemonProcess(root)` would run on (its socket, spool and `file://`
+    destination `root / "out"`), written to `root / "captured.toml"` and loaded as `serve` loads
+    it. `extra_toml` goes before `[DataCaptureConfig]`; `data_capture` replaces the default table
+    as given; `overrides` are what `serve`'s command-line flags set."""
+    d = DaemonProcess(root, extra_toml)
+    d.write_config(data_capture)
+    return load_config(str(d.config_path), overrides=overrides or Overrides())
+
+
+def delivered_files(root: Path) -> list[Path]:
+    """The JSON Lines files delivered to `root / "out"`, sorted (see `write_config`)."""
+    out = root / "out"
+    return sorted(out.rglob("*.jsonl")) if out.exists() else []
+
+
+def delivered_lines(root: Path) -> list[dict[str, Any]]:
+    """Every line delivered to `root / "out"`, parsed."""
+    return [json.loads(line) for p in delivered_files(root) for line in p.read_text().splitlines()]
+
+
+def csv_pair(i: int) -> dict[str, Any]:
+    """`capture()`'s keyword arguments for a CSV request/response pair with inference id `i`."""
+    return dict(
+        request_body=f"{i},0,159.3,66\n".encode(),
+        response_body=b"0.5",
+        request_content_type="text/csv",
+        response_content_type="text/csv",
+        inference_id=str(i),
+    )
+
+
+def raw_records(n: int, start: int = 0) -> bytes:
+    """BATCH frames of `n` CSV records (inference ids `start`...) as a client sends them."""
+    from captured.client.record import batch_frames, prepare_record
+
+    recs = [
+        prepare_record(f"{i},1\n", "0", "text/csv", "text/csv", str(i), None, None, None, None, 1 << 20)
+        for i in range(start, start + n)
+    ]
+    return b"".join(f for f, _ in batch_frames([r for r, _ in recs], [s for _, s in recs], 16 * 1024))
