@@ -3,15 +3,17 @@ many unfinished ones, and a fuzz run against a live daemon while a good client k
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import random
 import socket
 import tempfile
-import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -19,14 +21,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from captured import CaptureClient
+from captured.client.aio import AsyncCaptureClient
 from captured.daemon.encode import LineEncoder
 from captured.daemon.pipeline import CounterStats, Pipeline
 from captured.daemon.spool import Spool
 from captured.daemon.watermark import CaptureGate
 from captured.service.config import Overrides, load_config
-from captured.testing.daemon import DaemonProcess, wait_for
+from captured.testing.daemon import DaemonProcess
 from captured.testing.data import dcc
+from captured.testing.inprocess import (
+    FakeClock,
+    delivered_lines,
+    eventually,
+    run_daemon,
+    status_doc,
+    write_config,
+)
 from captured.wire import frames
 from captured.wire.frames import Record
 
@@ -159,36 +169,45 @@ def test_a_maximum_size_frame_of_tiny_records_keeps_memory_bounded(daemon: Daemo
     assert peak_rss_mb(daemon) < 200
 
 
-def test_unfinished_frames_beyond_the_budget_close_the_connection_that_crosses_it(
-    daemon_factory: Any,
-) -> None:
+def test_unfinished_frames_beyond_the_budget_close_the_connection_that_crosses_it(short_tmp: Path) -> None:
     """max_buffered_bytes = 13 MiB: two clients each leave 8 MiB of a 12 MiB frame unfinished;
     the second is closed (memory_limit), the first finishes its frame and its record is written,
     and a good client is served."""
-    d = daemon_factory(
-        extra_toml="[ingest]\nmax_frame_bytes = 12648448\nmax_buffered_bytes = 13631488\n"
-    ).start()
+    cfg = write_config(
+        short_tmp, extra_toml="[ingest]\nmax_frame_bytes = 12648448\nmax_buffered_bytes = 13631488\n"
+    )
     big = Record(b"7" * (12 * 1024 * 1024 - 200) + b"\n", None, "text/csv", None, time.time())
     frame = frames.frame(frames.Kind.BATCH, msgspec.msgpack.encode([big]))
     half = 8 * 1024 * 1024
-    with (
-        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first,
-        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as second,
-    ):
-        first.connect(d.socket_path)
-        second.connect(d.socket_path)
-        first.sendall(frame[:half])
-        wait_for(lambda: d.status()["ingest"]["connections"] >= 2)
-        second.settimeout(10)
+
+    def send_half_closed(s: socket.socket) -> None:
+        s.settimeout(10)
         with contextlib.suppress(OSError):  # closed while sending: fine
-            second.sendall(frame[:half])
-        wait_for(lambda: d.status()["ingest"]["connections_closed"].get("memory_limit") == 1)
-        first.sendall(frame[half:])
-        wait_for(lambda: d.status()["counters"]["written"] == 1)
-    with CaptureClient(d.socket_path) as client:
-        assert client.capture(b"1,2\n", b"0", request_content_type="text/csv")
-        assert client.flush(timeout=10)
-    assert d.status()["counters"]["written"] == 2
+            s.sendall(frame[:half])
+
+    async def main() -> None:
+        async with run_daemon(cfg, clock=FakeClock()) as daemon:
+            # Blocking socket code runs in threads while the loop runs the daemon.
+            with (
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first,
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as second,
+            ):
+                await asyncio.to_thread(first.connect, cfg.socket_path)
+                await asyncio.to_thread(second.connect, cfg.socket_path)
+                await asyncio.to_thread(first.sendall, frame[:half])
+                await eventually(lambda: status_doc(daemon)["ingest"]["connections"] >= 2)
+                await asyncio.to_thread(send_half_closed, second)
+                await eventually(
+                    lambda: status_doc(daemon)["ingest"]["connections_closed"].get("memory_limit") == 1
+                )
+                await asyncio.to_thread(first.sendall, frame[half:])
+                await eventually(lambda: status_doc(daemon)["counters"]["written"] == 1)
+            async with AsyncCaptureClient(cfg.socket_path) as client:
+                assert client.capture(b"1,2\n", b"0", request_content_type="text/csv")
+                assert await client.flush(timeout=10)
+            assert status_doc(daemon)["counters"]["written"] == 2
+
+    asyncio.run(main())
 
 
 # -- fuzz: hostile clients beside a good one -----------------------------------------------------
@@ -227,82 +246,98 @@ def hostile_payloads(rng: random.Random) -> list[tuple[str, bytes]]:
     ]
 
 
-def test_fuzz_hostile_clients_beside_a_good_one(daemon_factory: Any) -> None:
+def test_fuzz_hostile_clients_beside_a_good_one(short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
     """While a well-behaved client captures 5,000 records, other connections send garbage,
     oversized lengths, truncated frames, wrong schemas and types, invalid UTF-8, variant names
     that try to leave the tree; 300 idle connections sit open; one client trickles a byte every
     50 ms. Afterwards: every record of the good client was delivered exactly once, every refusal
     was counted, the counters add up, no file escaped the destination tree, and the daemon still
     runs. Bounded: 20 rounds of the hostile set, at most 60 s."""
-    d = daemon_factory(extra_toml="[spool]\nmax_file_age_s = 1\n[ingest]\nframe_timeout_s = 1\n").start()
+    cfg = write_config(short_tmp, extra_toml="[spool]\nmax_file_age_s = 1\n[ingest]\nframe_timeout_s = 1\n")
+    out_dir = short_tmp / "out"
     rng = random.Random(1234)
-    good_done = threading.Event()
-    good_error: list[BaseException] = []
+    clock = FakeClock()
 
-    def good() -> None:
-        try:
-            with CaptureClient(d.socket_path) as client:
-                for i in range(5000):
-                    while not client.capture(
-                        f"{i},1\n", "0", request_content_type="text/csv", inference_id=str(i)
-                    ):
-                        time.sleep(0.001)
-                    if i % 500 == 0:
-                        time.sleep(0.05)
-                assert client.flush(timeout=30)
-        except BaseException as exc:  # reported below
-            good_error.append(exc)
-        finally:
-            good_done.set()
+    async def good() -> None:
+        async with AsyncCaptureClient(cfg.socket_path) as client:
+            for i in range(5000):
+                while not client.capture(
+                    f"{i},1\n", "0", request_content_type="text/csv", inference_id=str(i)
+                ):
+                    await asyncio.sleep(0.001)
+                if i % 500 == 0:
+                    await asyncio.sleep(0.05)
+            assert await client.flush(timeout=30)
 
-    idle = []
-    for _ in range(300):
+    def connect() -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(d.socket_path)
-        idle.append(s)
-    trickler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    trickler.connect(d.socket_path)
-    thread = threading.Thread(target=good)
-    thread.start()
-    deadline = time.monotonic() + 60
-    try:
+        s.connect(cfg.socket_path)
+        return s
+
+    def hostile(loop: asyncio.AbstractEventLoop, trickler: socket.socket, deadline: float) -> None:
         trickle = tiny_batch(50)
         for round_ in range(20):
             for _name, data in hostile_payloads(rng):
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                    s.connect(d.socket_path)
+                    s.connect(cfg.socket_path)
                     with contextlib.suppress(OSError):  # the daemon may close first
                         s.sendall(data)
             with contextlib.suppress(OSError):
                 trickler.sendall(trickle[round_ : round_ + 1])
             time.sleep(0.05)
+            # The spool's max_file_age_s runs on the daemon's clock: let it age as real time does.
+            loop.call_soon_threadsafe(clock.advance, 0.05)
             assert time.monotonic() < deadline
-        assert good_done.wait(max(1.0, deadline - time.monotonic()))
-        wait_for(lambda: d.status()["ingest"]["connections_closed"].get("stalled_frame"), timeout=10)
-    finally:
-        thread.join(10)
-        for s in idle:
-            s.close()
-        trickler.close()
-    assert not good_error, good_error
-    st_ = d.status()
+
+    async def main() -> dict[str, Any]:
+        async with run_daemon(cfg, clock=clock) as daemon:
+            # Blocking socket code runs in threads while the loop runs the daemon (and accepts).
+            idle: list[socket.socket] = []
+            trickler: socket.socket | None = None
+            try:
+                for _ in range(300):
+                    idle.append(await asyncio.to_thread(connect))
+                trickler = await asyncio.to_thread(connect)
+                good_task = asyncio.create_task(good())
+                deadline = time.monotonic() + 60
+                try:
+                    await asyncio.to_thread(hostile, asyncio.get_running_loop(), trickler, deadline)
+                    await asyncio.wait_for(asyncio.shield(good_task), max(1.0, deadline - time.monotonic()))
+                finally:
+                    if not good_task.done():
+                        good_task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await good_task
+                await eventually(
+                    lambda: status_doc(daemon)["ingest"]["connections_closed"].get("stalled_frame"),
+                    timeout=10,
+                )
+            finally:
+                for s in idle:
+                    s.close()
+                if trickler is not None:
+                    trickler.close()
+            st_ = status_doc(daemon)
+        return st_  # the daemon still ran; run_daemon checked that it then exited 0
+
+    with caplog.at_level(logging.INFO, logger="captured"):
+        st_ = asyncio.run(main())
     c = st_["counters"]
     assert c["received"] == c["written"] + sum(c["dropped"].values())
     errors = st_["ingest"]["connections_closed"]
     assert st_["ingest"]["connections_total"] >= 300 + 20 * len(hostile_payloads(rng))
     for reason in ("bad_header", "frame_too_large", "bad_payload", "unexpected_kind", "stalled_frame"):
         assert errors.get(reason, 0) >= 1, errors
-    assert "internal_error" not in errors, d.log()  # every case has a named reason
+    assert "internal_error" not in errors, caplog.text  # every case has a named reason
     assert c["dropped"].get("invalid_record", 0) >= 20  # wrong schema/types, bad variant, every round
-    assert d.stop() == 0
     ids = sorted(
         int(line["eventMetadata"]["inferenceId"])
-        for line in d.delivered_lines()
+        for line in delivered_lines(short_tmp)
         if "inferenceId" in line["eventMetadata"]
     )
     assert ids == list(range(5000))
-    for path in d.out_dir.rglob("*"):
-        assert d.out_dir in path.resolve().parents
-    assert os.path.isdir(d.out_dir / "test-endpoint") and sorted(p.name for p in d.out_dir.iterdir()) == [
+    for path in out_dir.rglob("*"):
+        assert out_dir in path.resolve().parents
+    assert os.path.isdir(out_dir / "test-endpoint") and sorted(p.name for p in out_dir.iterdir()) == [
         "test-endpoint"
     ]

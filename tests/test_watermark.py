@@ -1,11 +1,15 @@
-"""The disk watermark: the rule, the gate, and a real daemon on a real filesystem."""
+"""The disk watermark: the rule, the gate, and a real daemon on a real filesystem (in-process,
+`captured.testing.inprocess`; a spool write failing on a file-size limit needs its own process)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +17,26 @@ import psutil
 import pytest
 
 from captured import CaptureClient
-from captured.daemon.watermark import CHECK_EVERY_BYTES, WRITE_RETRY_S, CaptureGate, Usage, decide
+from captured.client.aio import AsyncCaptureClient
+from captured.daemon.watermark import (
+    CHECK_EVERY_BYTES,
+    CHECK_EVERY_S,
+    WRITE_RETRY_S,
+    CaptureGate,
+    Usage,
+    decide,
+)
 from captured.service.config import WatermarkConfig
-from captured.testing.daemon import DaemonProcess, wait_for
+from captured.service.daemon import Daemon
+from captured.testing.inprocess import (
+    FakeClock,
+    daemon_ticks,
+    delivered_files,
+    delivered_lines,
+    run_daemon,
+    status_doc,
+    write_config,
+)
 
 GB = 10**9
 CFG = WatermarkConfig(high_percent=75, low_percent=70, min_free_bytes=0)
@@ -94,15 +115,15 @@ def test_gate_after_a_failed_write_waits_then_tries_again() -> None:
 # -- a real daemon on the real filesystem --------------------------------------------------------
 
 
-def send(d: DaemonProcess, n: int, start: int = 0) -> None:
-    with CaptureClient(d.socket_path) as client:
+async def send(socket_path: str, n: int, start: int = 0) -> None:
+    async with AsyncCaptureClient(socket_path) as client:
         for i in range(start, start + n):
             assert client.capture(f"{i},1\n", "0", request_content_type="text/csv", inference_id=str(i))
-        assert client.flush(timeout=10)
+        assert await client.flush(timeout=10)
 
 
-def ids_delivered(d: DaemonProcess) -> list[int]:
-    return sorted(int(line["eventMetadata"]["inferenceId"]) for line in d.delivered_lines())
+def ids_delivered(root: Path) -> list[int]:
+    return sorted(int(line["eventMetadata"]["inferenceId"]) for line in delivered_lines(root))
 
 
 def adds_up(status: dict[str, Any]) -> bool:
@@ -110,23 +131,44 @@ def adds_up(status: dict[str, Any]) -> bool:
     return bool(c["received"] == c["written"] + sum(c["dropped"].values()))
 
 
-def test_capture_stops_past_high_percent_and_says_why(daemon_factory: Any) -> None:
+async def until_status(
+    daemon: Daemon, clock: FakeClock, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+) -> None:
+    """The gate reads the disk on the daemon's heartbeat, at most once a second of its (fake)
+    clock: move the clock a check interval at a time until `predicate(status)` holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate(status_doc(daemon)):
+        assert time.monotonic() < deadline, "condition not met in time"
+        clock.advance(CHECK_EVERY_S)
+        await daemon_ticks(daemon, 1)
+
+
+def test_capture_stops_past_high_percent_and_says_why(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """With high_percent below what the spool's filesystem already uses, the daemon starts with
     capture Stopped: records are read and dropped as disk_watermark, status and log say why."""
-    used = psutil.disk_usage("/tmp").percent
+    used = psutil.disk_usage(str(short_tmp)).percent
     high = max(used / 2, 0.02)
-    d = daemon_factory(extra_toml=f"[watermark]\nhigh_percent = {high}\nlow_percent = {high / 2}\n").start()
-    send(d, 50)
-    st = d.status()
-    assert st["CaptureStatus"] == "Stopped" and "reached high_percent" in st["CaptureStatusReason"]
-    assert st["counters"]["dropped"] == {"disk_watermark": 50} and adds_up(st)
-    assert st["watermark"]["capturing"] is False and st["watermark"]["used_percent"] >= high
-    assert d.stop() == 0
-    assert "capture Stopped: disk usage" in d.log() and d.delivered_files() == []
+    cfg = write_config(
+        short_tmp, extra_toml=f"[watermark]\nhigh_percent = {high}\nlow_percent = {high / 2}\n"
+    )
+
+    async def main() -> None:
+        async with run_daemon(cfg, clock=FakeClock()) as daemon:
+            await send(cfg.socket_path, 50)
+            st = status_doc(daemon)
+            assert st["CaptureStatus"] == "Stopped" and "reached high_percent" in st["CaptureStatusReason"]
+            assert st["counters"]["dropped"] == {"disk_watermark": 50} and adds_up(st)
+            assert st["watermark"]["capturing"] is False and st["watermark"]["used_percent"] >= high
+
+    with caplog.at_level(logging.INFO, logger="captured"):
+        asyncio.run(main())  # run_daemon checks that the daemon exited 0
+    assert "capture Stopped: disk usage" in caplog.text and delivered_files(short_tmp) == []
 
 
 def test_capture_stops_below_min_free_bytes_and_starts_again_when_space_returns(
-    daemon_factory: Any, short_tmp: Path
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """min_free_bytes set 256 MB below what is free now: a 512 MB file taking real blocks on the
     same filesystem stops capture (uploads or deliveries go on), deleting it starts capture again;
@@ -135,32 +177,39 @@ def test_capture_stops_below_min_free_bytes_and_starts_again_when_space_returns(
     if free < 2 * 10**9:
         pytest.skip("needs 2 GB free on the temporary filesystem")
     min_free = free - 256 * 2**20
-    d = daemon_factory(
+    cfg = write_config(
+        short_tmp,
         extra_toml=(
             "[spool]\nmax_file_age_s = 0.5\n"
             f"[watermark]\nhigh_percent = 100\nlow_percent = 99.999\nmin_free_bytes = {min_free}\n"
-        )
-    ).start()
-    send(d, 100)
-    filler = short_tmp / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        os.posix_fallocate(fd, 0, 512 * 2**20)
-    finally:
-        os.close(fd)
-    try:
-        wait_for(lambda: d.status()["CaptureStatus"] == "Stopped", timeout=10)
-        send(d, 100, start=100)
-        assert d.status()["counters"]["dropped"].get("disk_watermark") == 100
-    finally:
-        filler.unlink()
-    wait_for(lambda: d.status()["CaptureStatus"] == "Started", timeout=10)
-    send(d, 100, start=200)
-    st = d.status()
-    assert st["counters"]["written"] == 200 and adds_up(st)
-    assert d.stop() == 0
-    assert ids_delivered(d) == [*range(100), *range(200, 300)]
-    log = d.log()
+        ),
+    )
+    clock = FakeClock()
+
+    async def main() -> None:
+        async with run_daemon(cfg, clock=clock) as daemon:
+            await send(cfg.socket_path, 100)
+            filler = short_tmp / "filler"
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, 512 * 2**20)
+            finally:
+                os.close(fd)
+            try:
+                await until_status(daemon, clock, lambda st: st["CaptureStatus"] == "Stopped")
+                await send(cfg.socket_path, 100, start=100)
+                assert status_doc(daemon)["counters"]["dropped"].get("disk_watermark") == 100
+            finally:
+                filler.unlink()
+            await until_status(daemon, clock, lambda st: st["CaptureStatus"] == "Started")
+            await send(cfg.socket_path, 100, start=200)
+            st = status_doc(daemon)
+            assert st["counters"]["written"] == 200 and adds_up(st)
+
+    with caplog.at_level(logging.INFO, logger="captured"):
+        asyncio.run(main())  # run_daemon checks that the daemon exited 0
+    assert ids_delivered(short_tmp) == [*range(100), *range(200, 300)]
+    log = caplog.text
     assert "capture Stopped" in log and "min_free_bytes" in log and "capture Started again" in log
 
 

@@ -25,13 +25,17 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 from captured.service.config import Config, Overrides, load_config
 from captured.service.daemon import TICK_S, Clock, Daemon
 from captured.testing.daemon import DaemonProcess
+
+T = TypeVar("T")
 
 
 class FakeClock(Clock):
@@ -81,6 +85,26 @@ async def daemon_ticks(daemon: Daemon, n: int = 2) -> None:
     """Let the daemon's heartbeat run `n` times (rotation, the watermark, the journal)."""
     await asyncio.sleep(TICK_S * n + 0.05)
     await daemon.spool.syncer.wait()
+
+
+async def eventually(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
+    """`captured.testing.daemon.wait_for` on the event loop: call `predicate` every `interval`
+    seconds (the daemon runs in between) until it returns a true value, and return that value;
+    raise AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+def status_doc(daemon: Daemon) -> dict[str, Any]:
+    """The STATUS document as a client reads it (what `DaemonProcess.status()` returns)."""
+    doc: dict[str, Any] = msgspec.to_builtins(daemon.status())
+    return doc
 
 
 def write_config(
