@@ -146,3 +146,24 @@ def test_the_client_works_in_a_process_with_more_than_1024_open_files(daemon: Da
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_wake_pipe_outlives_the_io_thread_until_close_has_joined_it(daemon: DaemonProcess) -> None:
+    """The I/O thread may finish first: close() marks the client closing, and a poll timeout can
+    let the thread see everything acknowledged and end before close() writes its wake-up byte.
+    That byte must not go to a closed descriptor (EBADF from close(), seen once in a full run),
+    or worse, to a descriptor number the application has reused since. So the pipe is closed
+    only by close(), after joining the thread, and exactly once; no descriptor leaks."""
+    fds_before = len(os.listdir("/proc/self/fd"))
+    client = CaptureClient(daemon.socket_path)
+    assert client.capture(b"1", b"2", request_content_type="text/csv", response_content_type="text/csv")
+    assert client.flush(timeout=10)
+    with client._lock:  # the state close() leaves before its wake-up write
+        client._closing = True
+        client._core.closed = True
+    client._thread.join(timeout=5)
+    assert not client._thread.is_alive()  # the I/O thread ended first
+    client._wake()  # what close() does next: the pipe is still open
+    client.close()
+    client.close()  # twice: nothing left to close
+    assert len(os.listdir("/proc/self/fd")) == fds_before

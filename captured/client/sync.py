@@ -175,14 +175,23 @@ class CaptureClient:
 
     def close(self, timeout: float = 5.0) -> None:
         """Flush for up to `timeout` seconds, then stop; what is still buffered is counted `closed`."""
-        if self._closing:
-            return
-        self.flush(timeout)
-        with self._lock:
-            self._closing = True
-            self._core.closed = True
-        self._wake()
+        if self._wake_w < 0:
+            return  # closed already
+        if not self._closing:  # (an I/O thread that failed has set it: nothing to flush to)
+            self.flush(timeout)
+            with self._lock:
+                self._closing = True
+                self._core.closed = True
+            self._wake()
         self._thread.join(timeout=CLOSE_GRACE_S + 1.0)
+        if not self._thread.is_alive():
+            # Only now, and only here: the I/O thread no longer reads the pipe, and a closed core
+            # makes capture() and flush() return before they write to it. Closed while any
+            # thread might still write, its number could be reused by a file of the application.
+            with self._lock:
+                fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+            for fd in fds:
+                os.close(fd)
         _live_clients.discard(self)
 
     def __enter__(self) -> CaptureClient:
@@ -207,8 +216,6 @@ class CaptureClient:
             with self._lock:
                 self._closing = True
                 self._core.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
 
 
 class _IOLoop:
