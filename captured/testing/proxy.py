@@ -224,9 +224,12 @@ class FaultProxy(_LoopThread):
                 if not data:
                     return
                 await self._flowing.wait()  # stall: hold the bytes (and stop reading)
+                # Counted before they go: once the peer has them, the count already says so
+                # (counted after drain(), a test reading it right after its request could
+                # see the last piece missing).
+                setattr(self, counter, getattr(self, counter) + len(data))
                 dst.write(data)
                 await dst.drain()
-                setattr(self, counter, getattr(self, counter) + len(data))
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:
@@ -238,7 +241,7 @@ def _abort(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-Action = Literal["pass", "cut", "fail", "reset"]
+Action = Literal["pass", "slow", "cut", "fail", "reset"]
 #: Hop-by-hop headers (and those the proxy's HTTP stack sets itself) are not copied across.
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "expect", "te", "upgrade"}
 _SLOW_DOWN = (
@@ -267,11 +270,13 @@ class S3FaultProxy(_LoopThread):
 
     `rule(operation, n)` (n: this operation's 1-based count so far) names the action:
       * `pass`: forward the request and its response unchanged;
+      * `slow`: the same, `slow_s` seconds later (requests that must overlap in time do);
       * `cut`: forward it (S3 acts on it), send the response's status, headers and half of its
         body, then reset the connection: a response lost on the way back;
       * `fail`: answer 503 SlowDown without forwarding (S3 never sees it);
       * `reset`: reset the connection without forwarding.
-    `seen[(operation, action)]` counts what was done. Runs an aiohttp server and client on an
+    `seen[(operation, action)]` counts what was done; `peak_in_flight[operation]` is the most
+    requests of an operation the proxy held at once. Runs an aiohttp server and client on an
     asyncio loop in one background thread; `rule` may be replaced at any time.
 
     moto reports one fixed `Initiated` time for every multipart upload; in ListMultipartUploads
@@ -289,6 +294,9 @@ class S3FaultProxy(_LoopThread):
         self.counts: dict[str, int] = {}
         self.seen: dict[tuple[str, str], int] = {}
         self.initiated: dict[str, str] = {}
+        self.slow_s = 1.0
+        self.in_flight: dict[str, int] = {}
+        self.peak_in_flight: dict[str, int] = {}
         self._runner: Any = None
         self._session: Any = None
 
@@ -322,9 +330,17 @@ class S3FaultProxy(_LoopThread):
             self._runner = None
 
     async def _handle(self, request: Any) -> Any:
+        op = s3_operation(request.method, request.query)
+        self.in_flight[op] = self.in_flight.get(op, 0) + 1
+        self.peak_in_flight[op] = max(self.peak_in_flight.get(op, 0), self.in_flight[op])
+        try:
+            return await self._act(op, request)
+        finally:
+            self.in_flight[op] -= 1
+
+    async def _act(self, op: str, request: Any) -> Any:
         from aiohttp import web
 
-        op = s3_operation(request.method, request.query)
         n = self.counts[op] = self.counts.get(op, 0) + 1
         action: Action = self.rule(op, n)
         self.seen[(op, action)] = self.seen.get((op, action), 0) + 1
@@ -334,6 +350,8 @@ class S3FaultProxy(_LoopThread):
         if action == "reset":
             _reset(request.transport)
             raise web.HTTPServiceUnavailable()  # never sent: the connection is gone
+        if action == "slow":
+            await asyncio.sleep(self.slow_s)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
         async with self._session.request(
             request.method,
@@ -353,7 +371,7 @@ class S3FaultProxy(_LoopThread):
                 )
         elif up.status == 200 and op == "ListMultipartUploads":
             payload = re.sub(rb"<Upload>.*?</Upload>", self._initiated_as_seen, payload, flags=re.S)
-        if action == "pass":
+        if action in ("pass", "slow"):
             return web.Response(status=up.status, headers=out_headers, body=payload)
         response = web.StreamResponse(status=up.status, headers=out_headers)
         response.content_length = len(payload)
