@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from captured.daemon.spool import Spool
-from captured.service.config import SpoolConfig
 from captured.service.daemon import tune_malloc
+from captured.service.settings import SpoolConfig
 
 MODES = ("reserve ahead", "no reservation")
 

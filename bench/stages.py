@@ -46,14 +46,10 @@ from captured.daemon.pipeline import Pipeline
 from captured.daemon.sample import sample
 from captured.daemon.spool import Spool
 from captured.daemon.watermark import CaptureGate, Usage
-from captured.service.config import (
-    CaptureContentTypeHeader,
-    CaptureOption,
-    Config,
-    DataCaptureConfig,
-    SpoolConfig,
-)
+from captured.service.config import Config
 from captured.service.daemon import tune_malloc
+from captured.service.datacapture import CaptureContentTypeHeader, CaptureOption, DataCaptureConfig
+from captured.service.settings import SpoolConfig
 from captured.testing.data import PAYLOAD_SIZES, payloads
 from captured.wire import frames
 

@@ -61,7 +61,7 @@ from ingest import machine  # noqa: E402
 from captured.daemon.spool import object_key  # noqa: E402
 from captured.delivery.queue import Delivery  # noqa: E402
 from captured.delivery.uploader import S3Uploader  # noqa: E402
-from captured.service.config import S3Config  # noqa: E402
+from captured.service.settings import S3Config  # noqa: E402
 from captured.testing.delivery import running  # noqa: E402
 from captured.testing.s3 import MotoServer  # noqa: E402
 

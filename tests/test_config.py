@@ -15,24 +15,19 @@ import msgspec
 import msgspec.inspect as mi
 import pytest
 
+from captured.errors import ConfigError
 from captured.service import configcheck
 from captured.service.cli import main
-from captured.service.config import (
+from captured.service.config import Config, load_config, readme_table, render_toml
+from captured.service.configfile import Overrides
+from captured.service.datacapture import (
     CONTENT_TYPE_PATTERN,
-    NAME_PATTERN,
     CaptureContentTypeHeader,
     CaptureOption,
-    Config,
-    ConfigError,
     DataCaptureConfig,
-    IngestConfig,
-    Overrides,
-    SpoolConfig,
-    load_config,
-    readme_table,
-    render_toml,
-    valid_name,
 )
+from captured.service.settings import IngestConfig, SpoolConfig
+from captured.wire.rules import NAME_PATTERN, valid_name
 
 # Short socket directories: the default <cwd>/captured-data could pass the 107-byte limit under a long
 # pytest tmp_path, which is not what these tests are about.

@@ -20,7 +20,8 @@ import pytest
 
 from captured.client.aio import AsyncCaptureClient
 from captured.service import cli
-from captured.service.config import Config, Overrides
+from captured.service.config import Config
+from captured.service.configfile import Overrides
 from captured.service.daemon import Daemon
 from captured.testing.daemon import read_error, wait_for
 from captured.testing.inprocess import (

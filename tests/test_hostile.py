@@ -26,7 +26,8 @@ from captured.daemon.encode import LineEncoder
 from captured.daemon.pipeline import CounterStats, Pipeline
 from captured.daemon.spool import Spool
 from captured.daemon.watermark import CaptureGate
-from captured.service.config import Overrides, load_config
+from captured.service.config import load_config
+from captured.service.configfile import Overrides
 from captured.testing.daemon import DaemonProcess
 from captured.testing.data import dcc
 from captured.testing.inprocess import (

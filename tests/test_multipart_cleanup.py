@@ -24,7 +24,7 @@ from captured.client.sync import CaptureClient
 from captured.delivery.s3 import MIB
 from captured.delivery.uploader import S3Uploader
 from captured.errors import UploadError
-from captured.service.config import S3Config
+from captured.service.settings import S3Config
 from captured.testing.daemon import DaemonProcess, wait_for
 from captured.testing.proxy import S3FaultProxy
 from captured.testing.s3 import S3Sandbox

@@ -16,7 +16,7 @@ from captured.daemon import spool as spool_module
 from captured.daemon.ledger import Ledger
 from captured.daemon.recovery import lock_spool, recover, recover_part, scan_spool
 from captured.daemon.spool import Spool
-from captured.service.config import SpoolConfig
+from captured.service.settings import SpoolConfig
 
 NAME = "ep.AllTraffic.2021-05-18-00.28-04-146-08d6d8b9-c7ac-4427-93a1-5eece415565d.jsonl"
 T0 = calendar.timegm((2021, 5, 18, 0, 28, 4)) + 0.146

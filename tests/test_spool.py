@@ -18,7 +18,7 @@ from captured.daemon import spool as spool_module
 from captured.daemon.spool import Spool, file_stem, object_key
 from captured.daemon.syncer import Syncer, ThreadSyncer
 from captured.errors import SpoolWriteError
-from captured.service.config import SpoolConfig
+from captured.service.settings import SpoolConfig
 
 UUID = "08d6d8b9-c7ac-4427-93a1-5eece415565d"
 T0 = calendar.timegm((2021, 5, 18, 0, 28, 4)) + 0.146  # 2021-05-18T00:28:04.146Z

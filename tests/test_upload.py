@@ -17,7 +17,7 @@ from captured.delivery.s3 import MAX_PARTS, MIB, classify, plan_parts, s3_key, s
 from captured.delivery.s3body import FilePart, crc32_of
 from captured.delivery.uploader import S3Uploader
 from captured.errors import UploadError
-from captured.service.config import S3Config
+from captured.service.settings import S3Config
 from captured.testing.s3 import MotoServer, S3Sandbox
 
 GIB = 1024 * MIB

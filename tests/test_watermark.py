@@ -26,8 +26,8 @@ from captured.daemon.watermark import (
     Usage,
     decide,
 )
-from captured.service.config import WatermarkConfig
 from captured.service.daemon import Daemon
+from captured.service.settings import WatermarkConfig
 from captured.testing.inprocess import (
     FakeClock,
     daemon_ticks,

@@ -25,7 +25,7 @@ import msgspec
 import orjson
 
 from captured.daemon.eventids import format_time, new_event_id_pieces, new_event_ids
-from captured.service.config import DataCaptureConfig
+from captured.service.datacapture import DataCaptureConfig
 from captured.wire.frames import Record
 from captured.wire.rules import MAX_EPOCH_S
 

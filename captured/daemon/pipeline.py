@@ -24,7 +24,8 @@ from captured.daemon.sample import sample
 from captured.daemon.spool import Spool
 from captured.daemon.watermark import CaptureGate
 from captured.errors import SpoolWriteError
-from captured.service.config import Config, DataCaptureConfig
+from captured.service.config import Config
+from captured.service.datacapture import DataCaptureConfig
 from captured.service.logs import RateLimited
 from captured.wire import frames
 from captured.wire.rules import valid_name

@@ -40,7 +40,7 @@ import msgspec
 from captured.daemon.ledger import Ledger
 from captured.daemon.syncer import Syncer, sync_and_close, sync_dir
 from captured.errors import SpoolWriteError
-from captured.service.config import SpoolConfig
+from captured.service.settings import SpoolConfig
 
 log = logging.getLogger("captured.spool")
 

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import msgspec
 import psutil
 
-from captured.service.config import WatermarkConfig
+from captured.service.settings import WatermarkConfig
 
 log = logging.getLogger("captured.watermark")
 

@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from captured.errors import UploadError
-from captured.service.config import S3Config
+from captured.service.settings import S3Config
 
 log = logging.getLogger("captured.upload")
 

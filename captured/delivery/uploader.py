@@ -35,7 +35,7 @@ from captured.delivery.uploader_pipe import (
     reply_decoder,
 )
 from captured.errors import DeliveryError, UploadError
-from captured.service.config import S3Config
+from captured.service.settings import S3Config
 
 log = logging.getLogger("captured.upload")
 

@@ -12,7 +12,7 @@ import struct
 import msgspec
 
 from captured.errors import UploadError
-from captured.service.config import S3Config
+from captured.service.settings import S3Config
 
 LEN = struct.Struct(">I")
 

@@ -11,8 +11,10 @@ from typing import Any
 import msgspec
 
 from captured import __version__
+from captured.errors import ConfigError
 from captured.service import status
-from captured.service.config import Config, ConfigError, Overrides, load_config, render_toml
+from captured.service.config import Config, load_config, render_toml
+from captured.service.configfile import Overrides
 from captured.service.status import Status
 from captured.wire import frames
 

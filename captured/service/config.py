@@ -29,29 +29,19 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from captured.errors import ConfigError as ConfigError
+from captured.errors import ConfigError
 from captured.service import configrules as rules
 from captured.service.configcheck import Checker, check_tree, replace_block, table_rows, whole
-from captured.service.configfile import SDK_CSV_CONTENT_TYPES as SDK_CSV_CONTENT_TYPES
-from captured.service.configfile import SDK_JSON_CONTENT_TYPES as SDK_JSON_CONTENT_TYPES
-from captured.service.configfile import Overrides as Overrides
-from captured.service.configfile import gather, toml_document
-from captured.service.datacapture import CONTENT_TYPE_PATTERN as CONTENT_TYPE_PATTERN
-from captured.service.datacapture import CaptureContentTypeHeader as CaptureContentTypeHeader
-from captured.service.datacapture import CaptureOption as CaptureOption
-from captured.service.datacapture import DataCaptureConfig as DataCaptureConfig
-from captured.service.settings import GIB as GIB
-from captured.service.settings import KIB as KIB
-from captured.service.settings import MAX_FRAME_BYTES as MAX_FRAME_BYTES
-from captured.service.settings import MIB as MIB
-from captured.service.settings import MIN_FRAME_BYTES as MIN_FRAME_BYTES
-from captured.service.settings import IngestConfig as IngestConfig
-from captured.service.settings import MetricsConfig as MetricsConfig
-from captured.service.settings import S3Config as S3Config
-from captured.service.settings import SpoolConfig as SpoolConfig
-from captured.service.settings import WatermarkConfig as WatermarkConfig
-from captured.wire.rules import NAME_PATTERN as NAME_PATTERN
-from captured.wire.rules import valid_name as valid_name
+from captured.service.configfile import Overrides, gather, toml_document
+from captured.service.datacapture import DataCaptureConfig
+from captured.service.settings import (
+    IngestConfig,
+    MetricsConfig,
+    S3Config,
+    SpoolConfig,
+    WatermarkConfig,
+)
+from captured.wire.rules import NAME_PATTERN
 
 _NAME_RULE = (
     "must be 1 to 63 letters, digits or hyphens, starting and ending with a letter or digit"

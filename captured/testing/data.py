@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from captured.service.config import CaptureContentTypeHeader, CaptureOption, DataCaptureConfig
+from captured.service.datacapture import CaptureContentTypeHeader, CaptureOption, DataCaptureConfig
 
 #: How many different pairs `payloads` generates before it starts cycling them.
 DISTINCT = 1024

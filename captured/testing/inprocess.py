@@ -31,7 +31,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from captured.service.config import Config, Overrides, load_config
+from captured.service.config import Config, load_config
+from captured.service.configfile import Overrides
 from captured.service.daemon import TICK_S, Clock, Daemon
 from captured.testing.daemon import DaemonProcess
 
