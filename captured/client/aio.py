@@ -36,6 +36,7 @@ from captured.client.record import (
     DEFAULT_BUFFER_BYTES,
     DEFAULT_LINGER_S,
     Body,
+    check_options,
     prepare_record,
 )
 from captured.wire import frames
@@ -124,13 +125,8 @@ class AsyncCaptureClient:
         linger_s: float = DEFAULT_LINGER_S,
         reconnect_max_s: float = 2.0,
     ) -> None:
-        if max_body_bytes * 2 + 65536 > frames.DEFAULT_MAX_FRAME_BYTES:
-            raise ValueError("max_body_bytes is too large for the daemon's maximum frame size")
-        if not 0.0 <= linger_s <= 10.0:
-            raise ValueError("linger_s must be 0..10 seconds")
-        #: The path given, or None: then each connection attempt looks for the socket again
-        #: (`captured.wire.rules.find_socket`: $CAPTURED_SOCKET, the systemd path, the Quick
-        #: start's ./captured-data/capture.sock), so a daemon started later is still found.
+        check_options(max_body_bytes, linger_s)
+        # As CaptureClient: None means look for the socket again at each connection attempt.
         self._socket_arg = socket_path
         self.socket_path = find_socket(socket_path)
         self._max_body = max_body_bytes

@@ -39,6 +39,14 @@ REJECTED = "rejected_by_daemon"
 RECORD_OVERHEAD = 64
 
 
+def check_options(max_body_bytes: int, linger_s: float) -> None:
+    """A client's options that no daemon could serve raise at construction (both drivers)."""
+    if max_body_bytes * 2 + 65536 > frames.DEFAULT_MAX_FRAME_BYTES:
+        raise ValueError("max_body_bytes is too large for the daemon's maximum frame size")
+    if not 0.0 <= linger_s <= 10.0:
+        raise ValueError("linger_s must be 0..10 seconds")
+
+
 def _body(value: Body, name: str, max_bytes: int) -> bytes | None:
     if value is None:
         return None

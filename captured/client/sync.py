@@ -40,6 +40,7 @@ from captured.client.record import (
     DEFAULT_BUFFER_BYTES,
     DEFAULT_LINGER_S,
     Body,
+    check_options,
     prepare_record,
 )
 from captured.wire import frames
@@ -78,10 +79,7 @@ class CaptureClient:
         linger_s: float = DEFAULT_LINGER_S,
         reconnect_max_s: float = 2.0,
     ) -> None:
-        if max_body_bytes * 2 + 65536 > frames.DEFAULT_MAX_FRAME_BYTES:
-            raise ValueError("max_body_bytes is too large for the daemon's maximum frame size")
-        if not 0.0 <= linger_s <= 10.0:
-            raise ValueError("linger_s must be 0..10 seconds")
+        check_options(max_body_bytes, linger_s)
         #: The path given, or None: then each connection attempt looks for the socket again
         #: (`captured.wire.rules.find_socket`: $CAPTURED_SOCKET, the systemd path, the Quick
         #: start's ./captured-data/capture.sock), so a daemon started later is still found.
