@@ -65,13 +65,13 @@ def write_once(directory: Path, chunk: bytes, total: int, file_bytes: int, reser
     target = directory / ("reserve" if reserve_ahead else "plain")
     target.mkdir()
     cfg = SpoolConfig(max_file_bytes=file_bytes, fsync_interval_s=0)
-    spool = Spool(str(target), "bench", cfg, lambda p, s: None, reserve_ahead=reserve_ahead)
+    spool = Spool(str(target), cfg, lambda p, s: None, reserve_ahead=reserve_ahead)
     now = time.time()
     hour = int(now) // 3600
     t0 = resource.getrusage(resource.RUSAGE_SELF)
     written = 0
     while written < total:
-        spool.write("AllTraffic", hour, now, chunk)
+        spool.write("bench", "AllTraffic", hour, now, chunk)
         written += len(chunk)
     spool.seal_all()  # fdatasync, give back what was reserved past the end, rename
     t1 = resource.getrusage(resource.RUSAGE_SELF)

@@ -193,12 +193,12 @@ def run_stages(
     # -- spool write
     spool_dir = tmp / "spool"
     spool = Spool(
-        str(spool_dir), "bench", SpoolConfig(max_file_bytes=5 * 2**30, fsync_interval_s=0), lambda p, s: None
+        str(spool_dir), SpoolConfig(max_file_bytes=5 * 2**30, fsync_interval_s=0), lambda p, s: None
     )
     hour = int(now) // 3600
 
     def spool_write() -> None:
-        spool.write("AllTraffic", hour, now, encoded)
+        spool.write("bench", "AllTraffic", hour, now, encoded)
 
     line_file = open(tmp / "lines.jsonl", "wb", buffering=0)  # noqa: SIM115 - closed below
 
@@ -218,7 +218,7 @@ def run_stages(
         },
         Config,
     )
-    pipe_spool = Spool(cfg.spool_dir, "bench", cfg.spool, lambda p, s: None)
+    pipe_spool = Spool(cfg.spool_dir, cfg.spool, lambda p, s: None)
     gate = CaptureGate(cfg.spool_dir, cfg.watermark, usage=lambda p: Usage(100, 1, 99, 1.0))
     pipeline = Pipeline(cfg, pipe_spool, gate)
 

@@ -129,7 +129,7 @@ def test_the_daemon_refuses_metadata_the_client_would_have_refused(field: dict[s
             environ={},
             cwd=tmp,
         )
-        spool = Spool(cfg.spool_dir, cfg.endpoint_name, cfg.spool, lambda p, n: None)
+        spool = Spool(cfg.spool_dir, cfg.spool, lambda p, n: None)
         pipeline = Pipeline(cfg, spool, CaptureGate(cfg.spool_dir, cfg.watermark))
         assert pipeline.process(msgspec.msgpack.encode([good, bad, good])) == 3
         spool.seal_all()

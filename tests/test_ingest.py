@@ -91,7 +91,7 @@ async def serving(root: Path, **server_kw: Any) -> AsyncIterator[Rig]:
     the running loop; stopped, drained and every connection gone at the end."""
     cfg = write_config(root)
     ledger = Ledger(cfg.spool_dir)
-    spool = Spool(cfg.spool_dir, cfg.endpoint_name, cfg.spool, lambda p, n: None, ledger=ledger)
+    spool = Spool(cfg.spool_dir, cfg.spool, lambda p, n: None, ledger=ledger)
     ledger.open()
     gate = CaptureGate(cfg.spool_dir, cfg.watermark, usage=lambda path: Usage(100, 1, 99, 1.0))
     pipeline = Pipeline(cfg, spool, gate)

@@ -24,6 +24,7 @@ from captured.daemon.pipeline import (
     INVALID_RECORD,
     NOTHING_TO_CAPTURE,
     SAMPLED_OUT,
+    UNKNOWN_ENDPOINT,
     WRITE_ERROR,
     CounterStats,
     Pipeline,
@@ -100,9 +101,7 @@ def make_rig(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
     def make(percentage: int = 100, enable: bool = True, modes: str = "Input, Output") -> Rig:
         cfg = write_config(tmp_path, percentage, enable, modes)
         sealed: list[tuple[str, int]] = []
-        spool = Spool(
-            cfg.spool_dir, cfg.endpoint_name, cfg.spool, lambda p, n: sealed.append((p, n)), clock=lambda: NOW
-        )
+        spool = Spool(cfg.spool_dir, cfg.spool, lambda p, n: sealed.append((p, n)), clock=lambda: NOW)
         disk = Disk()
         mono = [1000.0]
         gate = CaptureGate(cfg.spool_dir, cfg.watermark, usage=disk, clock=lambda: mono[0])
@@ -274,8 +273,33 @@ def test_a_failed_spool_write_is_write_error_and_stops_capture_until_the_retry(
 def test_every_drop_reason_is_produced_by_some_test_here() -> None:
     """The reasons above are all of `DROP_REASONS`: a new reason needs a test here."""
     covered = {SAMPLED_OUT, CAPTURE_DISABLED, INVALID_RECORD, NOTHING_TO_CAPTURE, FUTURE_TIME}
-    covered |= {DISK_WATERMARK, WRITE_ERROR}
+    covered |= {DISK_WATERMARK, WRITE_ERROR, UNKNOWN_ENDPOINT}
     assert covered == set(DROP_REASONS)
+
+
+@pytest.mark.parametrize("percentage", [100, 50, 0])
+def test_a_record_naming_an_endpoint_the_daemon_lacks_is_unknown_endpoint(
+    make_rig: Callable[..., Rig], percentage: int
+) -> None:
+    """3 records name "ep" (the only endpoint), 4 name none (they go to it), 5 name "other":
+    the 5 are refused as unknown_endpoint, counted in the totals but not for "ep", and never
+    written. At 0 % and 50 %, one endpoint sampling at random drops before decoding: a record it
+    samples out counts for "ep" whatever it names (module docstring), so only the sums are exact."""
+    rig = make_rig(percentage=percentage)
+    named = [msgspec.structs.replace(r, endpoint_name="ep") for r in good(3)]
+    other = [msgspec.structs.replace(r, endpoint_name="other") for r in good(5, start=10)]
+    assert rig.pipeline.process(batch([*named, *good(4, start=3), *other])) == 12
+    total = rig.pipeline.counters.statistics()
+    mine = rig.pipeline.routes["ep"].counters.statistics()
+    adds_up(total)
+    adds_up(mine)
+    assert total.received == 12 and rig.lines_in_spool() == total.written == mine.written
+    unknown = total.dropped.get(UNKNOWN_ENDPOINT, 0)
+    assert total.received == mine.received + unknown and UNKNOWN_ENDPOINT not in mine.dropped
+    if percentage == 100:
+        assert unknown == 5 and mine.written == 7
+    elif percentage == 0:
+        assert unknown == 0 and mine.dropped == {SAMPLED_OUT: 12}
 
 
 @pytest.mark.parametrize("percentage", [100, 50])
@@ -331,9 +355,9 @@ def test_reconfigure_switches_sampling_and_capture_from_the_next_batch(
     sampled out; with EnableCapture false, batch 3 is capture_disabled; back at 100 %, batch 4
     is written again. Each batch's counts move only its own reason."""
     rig = make_rig(percentage=100)
-    zero = write_config(tmp_path, percentage=0).DataCaptureConfig
-    disabled = write_config(tmp_path, enable=False).DataCaptureConfig
-    full = write_config(tmp_path, percentage=100).DataCaptureConfig
+    zero = write_config(tmp_path, percentage=0)
+    disabled = write_config(tmp_path, enable=False)
+    full = write_config(tmp_path, percentage=100)
     steps = [(None, 5, {}), (zero, 6, {SAMPLED_OUT: 6}), (disabled, 7, {SAMPLED_OUT: 6, CAPTURE_DISABLED: 7})]
     steps.append((full, 8, {SAMPLED_OUT: 6, CAPTURE_DISABLED: 7}))
     received = written = 0
@@ -346,7 +370,8 @@ def test_reconfigure_switches_sampling_and_capture_from_the_next_batch(
         assert rig.pipeline.counters.statistics() == CounterStats(
             received=received, written=written, dropped=dropped, resent=0
         )
-    assert rig.pipeline.percentage == 100 and rig.pipeline.enabled
+    route = rig.pipeline.routes["ep"]
+    assert route.percentage == 100 and route.enabled
     assert rig.lines_in_spool() == 5 + 8
 
 

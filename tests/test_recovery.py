@@ -67,7 +67,7 @@ def test_scan_spool_takes_only_its_endpoint(tmp_path: Path) -> None:
     (tmp_path / NAME).write_bytes(b"1\n")
     (tmp_path / ("other-" + NAME)).write_bytes(b"1\n")
     (tmp_path / (NAME + ".part")).write_bytes(b"1\n")
-    sealed, parts = scan_spool(str(tmp_path), "ep")
+    sealed, parts = scan_spool(str(tmp_path), {"ep"})
     assert [os.path.basename(p) for p, _ in sealed] == [NAME]
     assert [os.path.basename(p) for p in parts] == [NAME + ".part"]
 
@@ -79,7 +79,7 @@ def run_recover(spool_dir: Path) -> tuple[list[tuple[str, int]], Ledger]:
     """`recover` as a fresh daemon calls it (a new Ledger); the ledger is closed again."""
     ledger = Ledger(str(spool_dir))
     try:
-        return recover(str(spool_dir), "ep", ledger), ledger
+        return recover(str(spool_dir), {"ep"}, ledger), ledger
     finally:
         ledger.close()
 
@@ -128,13 +128,13 @@ def test_a_file_the_journal_names_is_cut_to_its_committed_end(tmp_path: Path) ->
     remembers the session at 5. A start after that changes nothing."""
     ledger = Ledger(str(tmp_path))
     ledger.open()
-    spool = Spool(str(tmp_path), "ep", SpoolConfig(), lambda p, n: None, clock=lambda: T0, ledger=ledger)
+    spool = Spool(str(tmp_path), SpoolConfig(), lambda p, n: None, clock=lambda: T0, ledger=ledger)
     sid = b"s" * 16
-    spool.write("AllTraffic", HOUR, T0, lines(5))
-    spool.write("Canary", HOUR, T0, lines(4, width=20))
+    spool.write("ep", "AllTraffic", HOUR, T0, lines(5))
+    spool.write("ep", "Canary", HOUR, T0, lines(4, width=20))
     ledger.took(ledger.session(sid), 5)
     assert ledger.commit()
-    spool.write("AllTraffic", HOUR, T0, lines(2))  # no commit follows
+    spool.write("ep", "AllTraffic", HOUR, T0, lines(2))  # no commit follows
     stems = dict(spool.committed_ends())
     parts = {p.name.split(".")[1]: p for p in tmp_path.glob("*.part")}
     with open(parts["AllTraffic"], "ab") as fh:
@@ -167,8 +167,8 @@ def test_a_file_cut_to_a_committed_end_of_zero_is_removed(tmp_path: Path) -> Non
     cut to nothing and removed, not delivered."""
     ledger = Ledger(str(tmp_path))
     ledger.open()
-    spool = Spool(str(tmp_path), "ep", SpoolConfig(), lambda p, n: None, clock=lambda: T0, ledger=ledger)
-    spool.write("AllTraffic", HOUR, T0, lines(3))  # never committed
+    spool = Spool(str(tmp_path), SpoolConfig(), lambda p, n: None, clock=lambda: T0, ledger=ledger)
+    spool.write("ep", "AllTraffic", HOUR, T0, lines(3))  # never committed
     for f in spool._open.values():
         os.close(f.fd)
     ledger.close()

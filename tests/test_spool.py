@@ -38,7 +38,6 @@ def make_spool(tmp_path: Path, clock: Clock, **cfg: float) -> tuple[Spool, list[
     sealed: list[tuple[str, int]] = []
     spool = Spool(
         str(tmp_path),
-        "churn-endpoint",
         SpoolConfig(**cfg),  # type: ignore[arg-type]
         lambda p, n: sealed.append((p, n)),
         clock=lambda: clock.wall,
@@ -61,7 +60,7 @@ def test_write_then_seal_on_age(tmp_path: Path) -> None:
     clock = Clock(T0)
     spool, sealed = make_spool(tmp_path, clock, max_file_age_s=60)
     hour = int(T0) // 3600
-    spool.write("AllTraffic", hour, T0, lines(3))
+    spool.write("churn-endpoint", "AllTraffic", hour, T0, lines(3))
     (part,) = os.listdir(tmp_path)
     assert part.endswith(".jsonl.part")
     clock.advance(59)
@@ -81,7 +80,7 @@ def test_write_then_seal_on_age(tmp_path: Path) -> None:
 def test_seal_when_the_hour_ends(tmp_path: Path) -> None:
     clock = Clock(calendar.timegm((2021, 5, 18, 0, 59, 58)))
     spool, sealed = make_spool(tmp_path, clock, max_file_age_s=3600)
-    spool.write("AllTraffic", int(clock.wall) // 3600, clock.wall, lines(1))
+    spool.write("churn-endpoint", "AllTraffic", int(clock.wall) // 3600, clock.wall, lines(1))
     clock.advance(1.5)
     spool.tick()
     assert not sealed
@@ -94,8 +93,8 @@ def test_late_record_goes_to_its_own_hour(tmp_path: Path) -> None:
     clock = Clock(calendar.timegm((2021, 5, 18, 1, 0, 5)))
     spool, sealed = make_spool(tmp_path, clock)
     late = calendar.timegm((2021, 5, 18, 0, 59, 59))
-    spool.write("AllTraffic", int(late) // 3600, late, lines(1))
-    spool.write("AllTraffic", int(clock.wall) // 3600, clock.wall, lines(1))
+    spool.write("churn-endpoint", "AllTraffic", int(late) // 3600, late, lines(1))
+    spool.write("churn-endpoint", "AllTraffic", int(clock.wall) // 3600, clock.wall, lines(1))
     assert spool.open_files == 2
     spool.tick()  # the 00 hour has ended: its file is sealed at once
     assert [os.path.basename(p).split(".")[2] for p, _ in sealed] == ["2021-05-18-00"]
@@ -110,7 +109,7 @@ def test_a_split_write_names_each_file_after_its_own_first_record(tmp_path: Path
     clock = Clock(T0)
     spool, sealed = make_spool(tmp_path, clock, max_file_bytes=1024)
     times = [T0 + i * 1.001 for i in range(250)]
-    spool.write("AllTraffic", int(T0) // 3600, times, lines(250))
+    spool.write("churn-endpoint", "AllTraffic", int(T0) // 3600, times, lines(250))
     spool.seal_all()
     names = sorted((os.path.basename(p), n) for p, n in sealed)
     starts = [0, 102, 204]  # 102 lines of 10 bytes fit in 1024
@@ -131,8 +130,10 @@ def test_open_files_are_capped_and_small_files_reserve_nothing(tmp_path: Path) -
     hour = int(T0) // 3600
     most = 0
     for i in range(2000):
-        spool.write("AllTraffic", hour, T0, lines(1))  # the good client's file, written every time
-        spool.write("AllTraffic", hour + 1 + i, T0 + 3600 * (1 + i), lines(1))
+        spool.write(
+            "churn-endpoint", "AllTraffic", hour, T0, lines(1)
+        )  # the good client's file, written every time
+        spool.write("churn-endpoint", "AllTraffic", hour + 1 + i, T0 + 3600 * (1 + i), lines(1))
         most = max(most, spool.open_files)
         if i % 200 == 0:
             for part in tmp_path.glob("*.part"):
@@ -149,7 +150,7 @@ def test_size_limit_splits_at_line_boundaries(tmp_path: Path) -> None:
     clock = Clock(T0)
     spool, sealed = make_spool(tmp_path, clock, max_file_bytes=1024)
     data = lines(250)  # 2500 bytes of 10-byte lines
-    spool.write("AllTraffic", int(T0) // 3600, T0, data)
+    spool.write("churn-endpoint", "AllTraffic", int(T0) // 3600, T0, data)
     spool.seal_all()
     sizes = [n for _, n in sealed]
     assert sizes == [1020, 1020, 460]
@@ -162,8 +163,8 @@ def test_a_line_larger_than_the_limit_gets_a_file_of_its_own(tmp_path: Path) -> 
     clock = Clock(T0)
     spool, sealed = make_spool(tmp_path, clock, max_file_bytes=1024)
     hour = int(T0) // 3600
-    spool.write("AllTraffic", hour, T0, lines(1))
-    spool.write("AllTraffic", hour, T0, lines(1, width=3000) + lines(1))
+    spool.write("churn-endpoint", "AllTraffic", hour, T0, lines(1))
+    spool.write("churn-endpoint", "AllTraffic", hour, T0, lines(1, width=3000) + lines(1))
     spool.seal_all()
     assert [n for _, n in sealed] == [10, 3000, 10]
 
@@ -172,8 +173,8 @@ def test_variants_get_separate_files(tmp_path: Path) -> None:
     clock = Clock(T0)
     spool, sealed = make_spool(tmp_path, clock)
     hour = int(T0) // 3600
-    spool.write("AllTraffic", hour, T0, lines(1))
-    spool.write("Canary", hour, T0, lines(2))
+    spool.write("churn-endpoint", "AllTraffic", hour, T0, lines(1))
+    spool.write("churn-endpoint", "Canary", hour, T0, lines(2))
     spool.seal_all()
     keys = sorted(object_key(p).split("/")[1] for p, _ in sealed)
     assert keys == ["AllTraffic", "Canary"]
@@ -182,7 +183,7 @@ def test_variants_get_separate_files(tmp_path: Path) -> None:
 def test_empty_file_is_never_sealed(tmp_path: Path) -> None:
     clock = Clock(T0)
     spool, sealed = make_spool(tmp_path, clock)
-    spool.write("AllTraffic", int(T0) // 3600, T0, b"")
+    spool.write("churn-endpoint", "AllTraffic", int(T0) // 3600, T0, b"")
     spool.seal_all()
     assert sealed == [] and os.listdir(tmp_path) == []
 
@@ -209,14 +210,13 @@ def test_open_files_are_flushed_every_interval_and_before_sealing(
     sealed: list[tuple[str, int]] = []
     spool = Spool(
         str(tmp_path),
-        "churn-endpoint",
         SpoolConfig(max_file_age_s=60, fsync_interval_s=1.0),
         lambda p, n: sealed.append((p, n)),
         clock=lambda: clock.wall,
         monotonic=lambda: clock.mono,
         syncer=syncer,
     )
-    spool.write("AllTraffic", int(T0) // 3600, T0, lines(3))
+    spool.write("churn-endpoint", "AllTraffic", int(T0) // 3600, T0, lines(3))
     clock.advance(0.5)
     spool.tick()
     assert synced == []  # not yet due
@@ -226,7 +226,7 @@ def test_open_files_are_flushed_every_interval_and_before_sealing(
     clock.advance(1.0)
     spool.tick()
     assert len(synced) == 1  # nothing new to flush
-    spool.write("AllTraffic", int(T0) // 3600, T0, lines(2))
+    spool.write("churn-endpoint", "AllTraffic", int(T0) // 3600, T0, lines(2))
     spool.seal_all()
     assert len(synced) == 2 and len(sealed) == 1  # flushed before the rename
     assert syncer.calls == ["sync_and_close", "_seal"]
@@ -239,7 +239,7 @@ def test_without_an_interval_files_are_flushed_only_when_sealed(
     monkeypatch.setattr(os, "fdatasync", synced.append)
     clock = Clock(T0)
     spool, sealed = make_spool(tmp_path, clock, fsync_interval_s=0)
-    spool.write("AllTraffic", int(T0) // 3600, T0, lines(3))
+    spool.write("churn-endpoint", "AllTraffic", int(T0) // 3600, T0, lines(3))
     for _ in range(5):
         clock.advance(1.0)
         spool.tick()
@@ -294,7 +294,7 @@ def test_a_failed_write_reports_the_whole_lines_already_in_the_spool(
 
     monkeypatch.setattr(os, "write", failing_second_write)
     with pytest.raises(SpoolWriteError) as info:
-        spool.write("AllTraffic", int(T0) // 3600, T0, data)
+        spool.write("churn-endpoint", "AllTraffic", int(T0) // 3600, T0, data)
     monkeypatch.undo()
     assert info.value.written == 1020
     assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC  # the gate reads errno
@@ -315,7 +315,7 @@ def test_open_files_reserve_disk_ahead_and_give_it_back_when_sealed(tmp_path: Pa
     spool, sealed = make_spool(tmp_path, clock, max_file_bytes=64 * 1024 * 1024)
     hour = int(T0) // 3600
     data = lines(10_000, width=100)  # 1 MB
-    spool.write("AllTraffic", hour, T0, data)
+    spool.write("churn-endpoint", "AllTraffic", hour, T0, data)
     (part,) = tmp_path.iterdir()
     assert part.stat().st_size == len(data)
     if _allocated(part) < spool_module.RESERVE_MIN:
@@ -333,8 +333,8 @@ def test_writes_go_on_where_disk_cannot_be_reserved(tmp_path: Path, monkeypatch:
     assert not spool_module.reserve(0, 0, 4096)
     clock = Clock(T0)
     spool, sealed = make_spool(tmp_path, clock)
-    spool.write("AllTraffic", int(T0) // 3600, T0, lines(5))
-    spool.write("AllTraffic", int(T0) // 3600, T0, lines(5))
+    spool.write("churn-endpoint", "AllTraffic", int(T0) // 3600, T0, lines(5))
+    spool.write("churn-endpoint", "AllTraffic", int(T0) // 3600, T0, lines(5))
     spool.seal_all()
     ((path, size),) = sealed
     assert Path(path).read_bytes() == lines(10) and size == len(lines(10))

@@ -16,7 +16,7 @@ from captured.daemon.watermark import WatermarkStats
 from captured.delivery.queue import DeliveryStats
 from captured.service import status
 from captured.service.metrics import KNOWN_FAILURE_CAUSES, render
-from captured.service.status import Status
+from captured.service.status import EndpointStatus, Status
 
 
 def make_status(**over: object) -> Status:
@@ -61,7 +61,36 @@ def make_status(**over: object) -> Status:
         "pid": 42,
     }
     fields.update(over)
+    if "endpoints" not in fields:  # the single endpoint, as the daemon shows it
+        fields["endpoints"] = [endpoint_status(fields)]
     return Status(**fields)  # type: ignore[arg-type]
+
+
+def endpoint_status(fields: dict[str, object], **over: object) -> EndpointStatus:
+    names = set(EndpointStatus.__struct_fields__) - {"sampling_mode"}
+    values = {k: v for k, v in fields.items() if k in names}
+    return EndpointStatus(**{"sampling_mode": "random", **values, **over})  # type: ignore[arg-type]
+
+
+def two_endpoints() -> Status:
+    """churn (default, 20 %) and fraud (100 %, by inference id); 4 records no endpoint took."""
+    churn = CounterStats(received=10, written=7, dropped={"sampled_out": 3}, resent=2)
+    fraud = CounterStats(received=6, written=6, dropped={}, resent=0)
+    total = CounterStats(received=20, written=13, dropped={"sampled_out": 3, "unknown_endpoint": 4}, resent=2)
+    base = msgspec.structs.asdict(make_status())
+    endpoints = [
+        endpoint_status(base, counters=churn),
+        endpoint_status(
+            base,
+            endpoint_name="fraud",
+            current_sampling_percentage=100,
+            destination_s3_uri="file:///var/lib/captured/fraud",
+            kms_key_id=None,
+            sampling_mode="inference_id",
+            counters=fraud,
+        ),
+    ]
+    return make_status(counters=total, endpoints=endpoints)
 
 
 def test_the_document_keeps_sagemakers_names_and_round_trips_the_wire() -> None:
@@ -91,7 +120,7 @@ def metric_samples(st: Status) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
     out = {}
     for family in text_string_to_metric_families(render(st).decode()):
         for s in family.samples:
-            assert s.labels.pop("endpoint") == st.endpoint_name
+            assert s.labels.pop("endpoint", None) in (None, st.endpoint_name)
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
 
@@ -136,3 +165,41 @@ def test_metrics_carry_the_status_values() -> None:
         watermark=msgspec.structs.replace(st.watermark, used_percent=None, free_bytes=None, total_bytes=None)
     )
     assert ("captured_disk_used_percent", ()) not in metric_samples(no_reading)
+
+
+def test_several_endpoints_each_show_what_describe_endpoint_shows_and_the_totals_stay() -> None:
+    st = two_endpoints()
+    doc = json.loads(status.to_json(st))
+    assert [e["EndpointName"] for e in doc["endpoints"]] == ["churn", "fraud"]
+    fraud = doc["endpoints"][1]
+    assert fraud["CurrentSamplingPercentage"] == 100 and fraud["sampling_mode"] == "inference_id"
+    assert (
+        fraud["DestinationS3Uri"] == "file:///var/lib/captured/fraud" and fraud["CaptureStatus"] == "Started"
+    )
+    assert doc["counters"]["received"] == 20
+    assert status.decode(msgspec.msgpack.encode(st)) == st
+    text = status.format_status(st)
+    assert "endpoint            churn (default), default variant AllTraffic" in text
+    assert "endpoint            fraud, default variant AllTraffic" in text
+    assert "sampling 100% by inference id\n" in text and "sampling 20%\n" in text
+    assert "received 20, written 13" in text and "(all endpoints)" in text
+
+
+def test_metrics_of_several_endpoints_sum_to_the_totals() -> None:
+    """Each endpoint's series, and the endpoint="" series for what no endpoint took: summed over
+    `endpoint` they are the daemon's totals, and each endpoint's identity holds on its own."""
+    st = two_endpoints()
+    rows: dict[tuple[str, str, str], float] = {}
+    for family in text_string_to_metric_families(render(st).decode()):
+        for s in family.samples:
+            if "endpoint" in s.labels:
+                rows[(s.name, s.labels["endpoint"], s.labels.get("reason", ""))] = s.value
+    for name, total in (("received", 20), ("written", 13)):
+        assert sum(v for (n, _, _), v in rows.items() if n == f"captured_records_{name}_total") == total
+    for ep in ("churn", "fraud", ""):
+        dropped = sum(v for (n, e, _), v in rows.items() if n == "captured_records_dropped_total" and e == ep)
+        received = rows[("captured_records_received_total", ep, "")]
+        assert received == rows[("captured_records_written_total", ep, "")] + dropped
+    assert rows[("captured_records_dropped_total", "", "unknown_endpoint")] == 4
+    assert rows[("captured_sampling_percentage", "fraud", "")] == 100
+    assert rows[("captured_sampling_percentage", "churn", "")] == 20

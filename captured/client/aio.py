@@ -36,6 +36,7 @@ from captured.client.record import (
     DEFAULT_BUFFER_BYTES,
     DEFAULT_LINGER_S,
     Body,
+    check_endpoint,
     check_options,
     prepare_record,
 )
@@ -119,6 +120,7 @@ class AsyncCaptureClient:
         self,
         socket_path: str | None = None,
         *,
+        endpoint_name: str | None = None,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         max_body_bytes: int = MAX_BODY_BYTES,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
@@ -126,6 +128,10 @@ class AsyncCaptureClient:
         reconnect_max_s: float = 2.0,
     ) -> None:
         check_options(max_body_bytes, linger_s)
+        check_endpoint(endpoint_name)
+        #: The endpoint of this client's captures (None: the daemon's default endpoint);
+        #: `capture(endpoint_name=...)` overrides it per call.
+        self.endpoint_name = endpoint_name
         # As CaptureClient: None means look for the socket again at each connection attempt.
         self._socket_arg = socket_path
         self.socket_path = find_socket(socket_path)
@@ -165,6 +171,7 @@ class AsyncCaptureClient:
         variant_name: str | None = None,
         event_id: str | None = None,
         inference_time: _dt.datetime | float | None = None,
+        endpoint_name: str | None = None,
     ) -> bool:
         """Queue one request/response pair; False when it was dropped (counted in `stats()`)."""
         rec, size = prepare_record(
@@ -178,6 +185,8 @@ class AsyncCaptureClient:
             event_id,
             inference_time,
             self._max_body,
+            endpoint_name,
+            self.endpoint_name,
         )
         core = self._core
         if not core.admit(rec, size):

@@ -103,8 +103,14 @@ def prepare_record(
     event_id: str | None,
     inference_time: object,
     max_body_bytes: int,
+    endpoint_name: str | None = None,
+    default_endpoint: str | None = None,
 ) -> tuple[RecordTuple, int]:
-    """Validate one capture; return the wire tuple (see `frames.Record`) and its buffer size."""
+    """Validate one capture; return the wire tuple (see `frames.Record`) and its buffer size.
+
+    `endpoint_name` is the call's (checked here), `default_endpoint` the client's (checked once,
+    by `check_endpoint`, when the client was made).
+    """
     if (
         type(request_body) is bytes
         and type(response_body) is bytes
@@ -115,6 +121,7 @@ def prepare_record(
         and inference_id is None
         and custom_attributes is None
         and variant_name is None
+        and endpoint_name is None
     ):
         # The common call (two bytes bodies, content types, nothing else), checked in one place:
         # a model server calls this once per request, often with cold caches, so every function
@@ -128,7 +135,10 @@ def prepare_record(
         ):
             size += RECORD_OVERHEAD + len(request_content_type) + len(response_content_type)
             now = time.time()
-            return (request_body, response_body, request_content_type, response_content_type, now), size
+            if default_endpoint is None:
+                return (request_body, response_body, request_content_type, response_content_type, now), size
+            head = (request_body, response_body, request_content_type, response_content_type, now)
+            return (*head, None, None, None, None, default_endpoint), size + len(default_endpoint)
     req = _body(request_body, "request_body", max_body_bytes)
     resp = _body(response_body, "response_body", max_body_bytes)
     size = RECORD_OVERHEAD + (len(req) if req is not None else 0) + (len(resp) if resp is not None else 0)
@@ -144,6 +154,10 @@ def prepare_record(
             raise ValueError("custom_attributes must be ASCII (at most 1024 characters)")
     if variant_name is not None and not valid_name(variant_name):
         raise ValueError(f"variant_name {variant_name!r} does not match [a-zA-Z0-9](-*[a-zA-Z0-9]){{0,62}}")
+    if endpoint_name is not None:
+        check_endpoint(endpoint_name)
+    else:
+        endpoint_name = default_endpoint
     if event_id is not None:
         size += _optional_str(event_id, "event_id", MAX_EVENT_ID)
         if not event_id:
@@ -159,7 +173,15 @@ def prepare_record(
         custom_attributes,
         variant_name,
     )
+    if endpoint_name is not None:
+        return (*rec, endpoint_name), size + len(endpoint_name)
     return rec, size
+
+
+def check_endpoint(endpoint_name: str | None) -> None:
+    """An endpoint name a client may send: SageMaker's name pattern (it becomes a path component)."""
+    if endpoint_name is not None and (type(endpoint_name) is not str or not valid_name(endpoint_name)):
+        raise ValueError(f"endpoint_name {endpoint_name!r} does not match [a-zA-Z0-9](-*[a-zA-Z0-9]){{0,62}}")
 
 
 def batch_frames(records: list[RecordTuple], sizes: list[int], batch_bytes: int) -> list[tuple[bytes, int]]:

@@ -40,6 +40,7 @@ from captured.client.record import (
     DEFAULT_BUFFER_BYTES,
     DEFAULT_LINGER_S,
     Body,
+    check_endpoint,
     check_options,
     prepare_record,
 )
@@ -73,6 +74,7 @@ class CaptureClient:
         self,
         socket_path: str | None = None,
         *,
+        endpoint_name: str | None = None,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         max_body_bytes: int = MAX_BODY_BYTES,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
@@ -80,6 +82,10 @@ class CaptureClient:
         reconnect_max_s: float = 2.0,
     ) -> None:
         check_options(max_body_bytes, linger_s)
+        check_endpoint(endpoint_name)
+        #: The endpoint of this client's captures (None: the daemon's default endpoint);
+        #: `capture(endpoint_name=...)` overrides it per call.
+        self.endpoint_name = endpoint_name
         #: The path given, or None: then each connection attempt looks for the socket again
         #: (`captured.wire.rules.find_socket`: $CAPTURED_SOCKET, the systemd path, the Quick
         #: start's ./captured-data/capture.sock), so a daemon started later is still found.
@@ -127,6 +133,7 @@ class CaptureClient:
         variant_name: str | None = None,
         event_id: str | None = None,
         inference_time: _dt.datetime | float | None = None,
+        endpoint_name: str | None = None,
     ) -> bool:
         """Queue one request/response pair; False when it was dropped (counted in `stats()`)."""
         rec, size = prepare_record(
@@ -140,6 +147,8 @@ class CaptureClient:
             event_id,
             inference_time,
             self._max_body,
+            endpoint_name,
+            self.endpoint_name,
         )
         with self._lock:
             core = self._core

@@ -4,8 +4,10 @@ A daemon that stopped cleanly leaves sealed files that were not delivered yet; o
 (SIGKILL, power loss) also leaves `.part` files it was writing, whose ends may be torn or hold
 records no client was told of. At start, under the spool's lock:
 
-1. `scan_spool` finds this endpoint's regular files (`lstat`: a planted link is logged and left
-   alone, never followed, truncated, renamed or delivered);
+1. `scan_spool` finds the configured endpoints' regular files (`lstat`: a planted link is logged
+   and left alone, never followed, truncated, renamed or delivered); files of an endpoint the
+   configuration no longer has are named in the log and left in the spool, for a configuration
+   that has it again;
 2. `recover_part` cuts each to its end committed in the journal (`ledger`; what lies past it was
    never acknowledged, and its client sends it again), then back to its last complete line;
 3. `.part` files are renamed to their sealed names, empty ones removed, and the sealed files
@@ -19,6 +21,8 @@ import fcntl
 import logging
 import os
 import stat
+from collections import Counter
+from collections.abc import Collection
 
 from captured.daemon.ledger import Ledger
 from captured.daemon.spool import PART, SEALED
@@ -26,13 +30,13 @@ from captured.daemon.spool import PART, SEALED
 log = logging.getLogger("captured.daemon")
 
 
-def recover(spool_dir: str, endpoint: str, ledger: Ledger) -> list[tuple[str, int]]:
+def recover(spool_dir: str, endpoints: Collection[str], ledger: Ledger) -> list[tuple[str, int]]:
     """Cut and seal what an earlier run left; return the sealed files (path, size), oldest first.
 
     Loads the journal's committed ends and sessions into `ledger`, and opens a fresh journal.
     """
     committed = ledger.load()
-    found, parts = scan_spool(spool_dir, endpoint)
+    found, parts = scan_spool(spool_dir, endpoints)
     sealed = []
     for path in [p for p, _ in found] + parts:
         size = os.lstat(path).st_size
@@ -54,22 +58,25 @@ def recover(spool_dir: str, endpoint: str, ledger: Ledger) -> list[tuple[str, in
     return sealed
 
 
-def scan_spool(spool_dir: str, endpoint: str) -> tuple[list[tuple[str, int]], list[str]]:
+def scan_spool(spool_dir: str, endpoints: Collection[str]) -> tuple[list[tuple[str, int]], list[str]]:
     """Files a previous run left: (sealed files with sizes, `.part` files), oldest first.
 
-    Only this endpoint's regular files are taken; a spool shared by two daemons stays untouched.
+    Only the regular files of `endpoints` are taken; those of other endpoints are counted in the
+    log and left alone (never delivered somewhere their configuration does not say).
     A symbolic link or anything else that is not a regular file, under a spool file's name, is
     logged and left alone: never truncated, renamed, delivered or uploaded (`lstat`, no link is
     followed).
     """
     sealed: list[tuple[float, str, int]] = []
     parts: list[str] = []
-    prefix = endpoint + "."
+    others: Counter[str] = Counter()
     with os.scandir(spool_dir) as it:
         for entry in it:
-            if not entry.name.startswith(prefix):
+            if not entry.name.endswith((SEALED, SEALED + PART)) or "." not in entry.name:
                 continue
-            if not entry.name.endswith((SEALED, SEALED + PART)):
+            endpoint = entry.name.partition(".")[0]
+            if endpoint not in endpoints:
+                others[endpoint] += 1
                 continue
             st = entry.stat(follow_symlinks=False)
             if not stat.S_ISREG(st.st_mode):
@@ -83,6 +90,14 @@ def scan_spool(spool_dir: str, endpoint: str) -> tuple[list[tuple[str, int]], li
                 sealed.append((st.st_mtime, entry.path, st.st_size))
             else:
                 parts.append(entry.path)
+    for endpoint, n in sorted(others.items()):
+        log.warning(
+            "spool: %d file(s) of endpoint %s, which the configuration does not have, are left in %s"
+            " (they are delivered once the endpoint is configured again)",
+            n,
+            endpoint,
+            spool_dir,
+        )
     sealed.sort()
     return [(p, s) for _, p, s in sealed], sorted(parts)
 

@@ -1,4 +1,4 @@
-"""Hourly spool files: one open `.part` file per (variant, UTC hour), sealed by rename.
+"""Hourly spool files: one open `.part` file per (endpoint, variant, UTC hour), sealed by rename.
 
 File names in `spool_dir` carry everything delivery needs, so the directory listing is the
 queue and survives restarts::
@@ -141,7 +141,6 @@ class Spool:
     def __init__(
         self,
         spool_dir: str,
-        endpoint: str,
         cfg: SpoolConfig,
         on_sealed: Callable[[str, int], None],
         *,
@@ -152,7 +151,6 @@ class Spool:
         ledger: Ledger | None = None,
     ) -> None:
         self.dir = spool_dir
-        self.endpoint = endpoint
         self.max_age_s = cfg.max_file_age_s
         self.max_bytes = cfg.max_file_bytes
         self.fsync_interval_s = cfg.fsync_interval_s
@@ -168,7 +166,7 @@ class Spool:
         self._on_sealed = on_sealed
         self._clock = clock
         self._monotonic = monotonic
-        self._open: dict[tuple[str, int], OpenFile] = {}
+        self._open: dict[tuple[str, str, int], OpenFile] = {}
         self.files_sealed = 0
         self.bytes_written = 0
         os.makedirs(spool_dir, exist_ok=True)
@@ -180,8 +178,10 @@ class Spool:
         showing no open file and no file waiting for delivery means everything was delivered."""
         return len(self._open) + self.sealing
 
-    def write(self, variant: str, hour: int, times: float | Sequence[float], data: bytes) -> None:
-        """Append whole JSON lines `data` to the open file of (variant, hour).
+    def write(
+        self, endpoint: str, variant: str, hour: int, times: float | Sequence[float], data: bytes
+    ) -> None:
+        """Append whole JSON lines `data` to the open file of (endpoint, variant, hour).
 
         `times` are the lines' records' times (epoch seconds), one a line, or one for all: a file
         opened for a line is named after its time, so each file after its own first record. Data larger than
@@ -190,7 +190,7 @@ class Spool:
         says how many bytes of `data` (whole lines) went into files before it: they are in the
         spool all the same.
         """
-        key = (variant, hour)
+        key = (endpoint, variant, hour)
         f = self._open.pop(key, None)
         if f is not None:
             self._open[key] = f  # most recently written last: `_open_file` seals from the front
@@ -203,7 +203,7 @@ class Spool:
                         first = times
                     else:  # counting lines only when a write splits
                         first = times[whole.count(b"\n", 0, done) if done else 0]
-                    f = self._open_file(variant, hour, first)
+                    f = self._open_file(key, first)
                 room = self.max_bytes - f.size
                 if len(data) <= room:
                     chunk, data = data, b""
@@ -267,20 +267,23 @@ class Spool:
         """(stem, size) of every open file: its committed end when the ledger has no dirt."""
         return [(f.stem, f.size) for f in self._open.values()]
 
-    def seal_all(self) -> None:
+    def seal_all(self, endpoint: str | None = None) -> None:
+        """Seal every open file, or every open file of `endpoint`."""
         for key in list(self._open):
-            self._seal(key)
+            if endpoint is None or key[0] == endpoint:
+                self._seal(key)
 
-    def _open_file(self, variant: str, hour: int, first_time: float) -> OpenFile:
+    def _open_file(self, key: tuple[str, str, int], first_time: float) -> OpenFile:
         while len(self._open) >= self.max_open:
             self._seal(next(iter(self._open)))  # the least recently written makes room
             self.sealed_for_room += 1
-        stem = file_stem(self.endpoint, variant, hour, first_time, str(uuid.uuid4()))
+        endpoint, variant, hour = key
+        stem = file_stem(endpoint, variant, hour, first_time, str(uuid.uuid4()))
         path = os.path.join(self.dir, stem + SEALED + PART)
         if self.ledger is not None:
             self.ledger.file_opened(stem)  # in the journal before its first byte is in the file
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        f = self._open[(variant, hour)] = OpenFile(path, stem, fd, hour, self._monotonic())
+        f = self._open[key] = OpenFile(path, stem, fd, hour, self._monotonic())
         f.reserving = self.reserve_ahead
         return f
 
@@ -309,7 +312,7 @@ class Spool:
         if self.ledger is not None:
             self.ledger.file_written(f.stem, f.size)
 
-    def _seal_after_failure(self, key: tuple[str, int]) -> None:
+    def _seal_after_failure(self, key: tuple[str, str, int]) -> None:
         """A write to this file failed: seal what it holds, so its complete lines go on.
 
         `_write_all` already cut the file back to whole lines. If that cut failed as well (EIO),
@@ -329,7 +332,7 @@ class Spool:
         with contextlib.suppress(OSError):
             self._seal(key)
 
-    def _seal(self, key: tuple[str, int]) -> None:
+    def _seal(self, key: tuple[str, str, int]) -> None:
         """Close the file, then flush and rename it (on the syncer) and hand it to delivery.
 
         Its descriptor is closed here, at once: the syncer opens the file again by name. So a

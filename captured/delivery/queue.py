@@ -6,7 +6,8 @@ local spool file is deleted only after `put` returned, so a crash at any point l
 in the spool for the next start, and the next `put` of the same key overwrites instead of
 duplicating (the key is fixed by the file name).
 
-`local.LocalDestination` implements `file://` URIs; `uploader.S3Uploader` is S3's.
+`local.LocalDestination` implements `file://` URIs; `uploader.S3Uploader` is S3's; `router.Router`
+sends each file to its endpoint's destination.
 
 The stage runs as one task (`run`) holding its workers in a `TaskGroup`: a worker that fails of a
 bug ends it, and the daemon with it, rather than leaving files waiting with nobody to move them.
@@ -22,7 +23,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -135,15 +136,17 @@ class Delivery:
         destination that cannot work stops the start-up."""
         await self.destination.start()
 
-    async def run(self, own_prefix: str) -> None:
+    async def run(self, own_prefixes: Sequence[str]) -> None:
         """Deliver until cancelled: the workers, a periodic report, and the destination's tidying
-        of what an earlier run left under `own_prefix`. A cancelled upload is abandoned (its file
-        stays queued and in the spool); `close` then closes the destination."""
+        of what an earlier run left under each of `own_prefixes` (`{endpoint}/`). A cancelled
+        upload is abandoned (its file stays queued and in the spool); `close` then closes the
+        destination."""
         async with asyncio.TaskGroup() as tasks:
             for i in range(self.workers):
                 tasks.create_task(self._worker(), name=f"delivery-{i}")
             tasks.create_task(self._report(), name="delivery-report")
-            tasks.create_task(self.destination.tidy(own_prefix, self._waiting_keys), name="delivery-tidy")
+            for prefix in own_prefixes:
+                tasks.create_task(self.destination.tidy(prefix, self._waiting_keys), name="delivery-tidy")
 
     async def close(self) -> None:
         await self.destination.close()

@@ -160,12 +160,20 @@ def plan_parts(size: int, part_size: int) -> list[tuple[int, int]]:
 class S3Destination:
     """A `queue.Destination` for `s3://bucket[/prefix]`."""
 
-    def __init__(self, uri: str, cfg: S3Config, *, kms_key_id: str | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        cfg: S3Config,
+        *,
+        kms_key_id: str | None = None,
+        parts: asyncio.Semaphore | None = None,
+    ) -> None:
         self.uri = uri
         self.bucket, self.prefix = split_s3_uri(uri)
         self.cfg = cfg
         self.kms_key_id = kms_key_id
-        self._parts = asyncio.Semaphore(cfg.max_concurrent_parts)
+        #: Parts in flight (`s3.max_concurrent_parts`); destinations in one process share it.
+        self.parts = parts if parts is not None else asyncio.Semaphore(cfg.max_concurrent_parts)
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
         #: Open uploads whose abort failed: upload id -> key; retried by `_retry_aborts`.
@@ -299,7 +307,7 @@ class S3Destination:
     ) -> dict[str, Any]:
         from captured.delivery.s3body import FilePart, crc32_of
 
-        async with self._parts:
+        async with self.parts:
             crc32 = await asyncio.to_thread(crc32_of, path, offset, length)
             body = FilePart(path, offset, length)
             resp = await self._call(

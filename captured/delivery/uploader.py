@@ -157,19 +157,26 @@ class S3Uploader:
                 cause="uploader_exited", retryable=True, message=f"the S3 uploader process is gone: {exc}"
             ) from exc
 
+    def target(self, uri: str, kms_key_id: str | None) -> S3Target:
+        """A `queue.Destination` for another `s3://` destination, uploaded by this same process."""
+        return S3Target(self, uri, kms_key_id)
+
     async def put(self, path: str, key: str, *, retry: bool = False) -> None:
-        done = await self._request(lambda rid: Put(rid, path, key, retry))
+        uri, kms = self.uri, self.kms_key_id
+        done = await self._request(lambda rid: Put(rid, path, key, retry, uri, kms))
         if (err := done.error()) is not None:
             raise err
 
     async def list_stale(self, own_prefix: str, older_than_s: float) -> list[tuple[str, str]]:
-        done = await self._request(lambda rid: ListStale(rid, own_prefix, older_than_s))
+        uri, kms = self.uri, self.kms_key_id
+        done = await self._request(lambda rid: ListStale(rid, own_prefix, older_than_s, uri, kms))
         if (err := done.error()) is not None:
             raise err
         return [tuple(u) for u in done.uploads]  # type: ignore[misc]
 
     async def abort_uploads(self, uploads: list[tuple[str, str]]) -> int:
-        done = await self._request(lambda rid: Abort(rid, list(uploads)))
+        uri, kms = self.uri, self.kms_key_id
+        done = await self._request(lambda rid: Abort(rid, list(uploads), uri, kms))
         if (err := done.error()) is not None:
             raise err
         return done.count
@@ -217,6 +224,30 @@ class S3Uploader:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader_task
             self._reader_task = None
+
+
+class S3Target(S3Uploader):
+    """Another destination of an `S3Uploader`: its requests go to the same process; closing it
+    closes nothing (the uploader it belongs to owns the process)."""
+
+    def __init__(self, uploader: S3Uploader, uri: str, kms_key_id: str | None) -> None:
+        self.uploader = uploader
+        self.uri = uri
+        self.kms_key_id = kms_key_id
+        self.cfg = uploader.cfg
+
+    @property
+    def pid(self) -> int | None:
+        return self.uploader.pid
+
+    async def start(self) -> None:
+        await self.uploader.start()
+
+    async def _request(self, make: Any) -> Done:
+        return await self.uploader._request(make)
+
+    async def close(self) -> None:
+        return None
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:

@@ -1,7 +1,9 @@
 """The S3 uploader process (`python -m captured.delivery.uploader_child`), started by the daemon.
 
-It runs `s3.S3Destination` on an event loop of its own, at `s3.uploader_nice`, and answers each
-request of `uploader.S3Uploader` over the pipe (`uploader_pipe`). It ignores SIGINT, SIGTERM and
+It runs an `s3.S3Destination` per destination (one per endpoint's `DestinationS3Uri` and KMS
+key, made at its first request; all share one limit on parts in flight) on an event loop of its
+own, at `s3.uploader_nice`, and answers each request of `uploader.S3Uploader` over the pipe
+(`uploader_pipe`). It ignores SIGINT, SIGTERM and
 SIGHUP (the daemon decides when uploads stop) and exits when told to or when its stdin closes,
 which is also what happens when the daemon dies: uploads in flight are cancelled, and their
 multipart uploads aborted. Its fd 1 points at stderr, so nothing a library prints can garble a
@@ -41,10 +43,28 @@ log = logging.getLogger("captured.upload")
 
 
 class _Child:
-    def __init__(self, dest: S3Destination, out: Any) -> None:
-        self.dest = dest
+    def __init__(self, first: S3Destination, out: Any) -> None:
+        self.dests = {(first.uri, first.kms_key_id): first}
+        self.parts = first.parts
         self.out = out
         self.tasks: dict[int, asyncio.Task[None]] = {}
+
+    async def dest(self, req: Put | ListStale | Abort) -> S3Destination:
+        """The destination a request names (the first one's when it names none)."""
+        if not req.uri:
+            return next(iter(self.dests.values()))
+        key = (req.uri, req.kms_key_id)
+        dest = self.dests.get(key)
+        if dest is None:
+            first = next(iter(self.dests.values()))
+            dest = S3Destination(req.uri, first.cfg, kms_key_id=req.kms_key_id, parts=self.parts)
+            await dest.start()
+            self.dests[key] = dest
+        return dest
+
+    async def close(self) -> None:
+        for dest in self.dests.values():
+            await dest.close()
 
     def reply(self, msg: Done) -> None:
         self.out.write(pack(msg))
@@ -56,17 +76,21 @@ class _Child:
 
     async def _run(self, req: Put | ListStale | Abort) -> None:
         try:
+            try:
+                dest = await self.dest(req)
+            except Exception as exc:
+                raise classify(exc) from exc
             if isinstance(req, Put):
-                await self.dest.put(req.path, req.key, retry=req.retry)
+                await dest.put(req.path, req.key, retry=req.retry)
                 self.reply(Done(req.id))
             elif isinstance(req, ListStale):
                 try:
-                    stale = await self.dest.list_stale(req.own_prefix, req.older_than_s)
+                    stale = await dest.list_stale(req.own_prefix, req.older_than_s)
                 except Exception as exc:
                     raise classify(exc) from exc
                 self.reply(Done(req.id, uploads=stale))
             else:
-                self.reply(Done(req.id, count=await self.dest.abort_uploads(req.uploads)))
+                self.reply(Done(req.id, count=await dest.abort_uploads(req.uploads)))
         except DeliveryError as exc:
             self.reply(Done(req.id, cause=exc.cause, retryable=exc.retryable, message=str(exc)))
         except asyncio.CancelledError:
@@ -112,7 +136,7 @@ async def _child_main(init: Init, reply_fd: int) -> int:
             child.submit(req)
     finally:
         await child.stop()
-        await dest.close()
+        await child.close()
         with contextlib.suppress(OSError):
             await out.drain()
     return 0

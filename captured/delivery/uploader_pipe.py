@@ -33,6 +33,10 @@ class Put(msgspec.Struct, tag=True):
     path: str
     key: str
     retry: bool = False
+    #: The destination (`s3://bucket[/prefix]`) and its SSE-KMS key: one process serves every
+    #: endpoint's destination.
+    uri: str = ""
+    kms_key_id: str | None = None
 
 
 class Cancel(msgspec.Struct, tag=True):
@@ -43,11 +47,15 @@ class ListStale(msgspec.Struct, tag=True):
     id: int
     own_prefix: str
     older_than_s: float
+    uri: str = ""
+    kms_key_id: str | None = None
 
 
 class Abort(msgspec.Struct, tag=True):
     id: int
     uploads: list[tuple[str, str]]
+    uri: str = ""
+    kms_key_id: str | None = None
 
 
 class Close(msgspec.Struct, tag=True):

@@ -31,8 +31,16 @@ from msgspec import Meta
 
 from captured.errors import ConfigError
 from captured.service import configrules as rules
-from captured.service.configcheck import Checker, check_tree, replace_block, table_rows, whole
-from captured.service.configfile import Overrides, gather, toml_document
+from captured.service.configcheck import (
+    MISSING,
+    TABLE_RULE,
+    Checker,
+    check_tree,
+    replace_block,
+    table_rows,
+    whole,
+)
+from captured.service.configfile import Draft, Overrides, gather, show, toml_document
 from captured.service.datacapture import DataCaptureConfig
 from captured.service.settings import (
     IngestConfig,
@@ -53,11 +61,47 @@ _Name = Annotated[
 ]
 
 
-class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    endpoint_name: Annotated[
-        _Name, Meta(description="SageMaker's EndpointName, the first component of every object key")
-    ]
-    variant_name: Annotated[_Name, Meta(description="the variant of captures that name none")]
+#: How an endpoint's sampling decides: one uniform draw per record, or a pure function of the
+#: inference id (`captured.daemon.sample`).
+SAMPLING_MODES = ("random", "inference_id")
+_SamplingMode = Annotated[
+    str,
+    Meta(
+        pattern=r"\A(?:random|inference_id)\Z",
+        description="`random` (SageMaker's way: one draw per record) or `inference_id`: kept or not by"
+        " a hash of the inference id, the same on every host, variant and restart (see Sampling)",
+        extra={"rule": "must be random or inference_id", "default": '`"random"`'},
+    ),
+]
+_ENDPOINT_NAME = "SageMaker's EndpointName, the first component of every object key"
+_VARIANT_NAME = "the variant of captures that name none"
+#: Most endpoints one daemon serves (each may hold open files; one socket, spool and uploader serve all).
+MAX_ENDPOINTS = 64
+
+
+class EndpointConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One endpoint of the host: an item of `[[endpoints]]`, or the top-level single-endpoint form."""
+
+    endpoint_name: Annotated[_Name, Meta(description=_ENDPOINT_NAME)]
+    DataCaptureConfig: DataCaptureConfig
+    variant_name: Annotated[_Name, Meta(description=_VARIANT_NAME)] = "AllTraffic"
+    sampling_mode: _SamplingMode = "random"
+
+
+#: The top-level keys of the single-endpoint form; a file with `[[endpoints]]` has none of them.
+SINGLE_FORM_KEYS = ("endpoint_name", "variant_name", "sampling_mode", "DataCaptureConfig")
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The whole configuration. Endpoints come in one of two forms: the single-endpoint form at
+    the top level (`endpoint_name`, `variant_name`, `sampling_mode`, `[DataCaptureConfig]`), or
+    `[[endpoints]]` (then those four are None). Read them through `endpoint_configs`."""
+
+    endpoint_name: Annotated[_Name, Meta(description=_ENDPOINT_NAME + " (single-endpoint form)")] | None = (
+        None
+    )
+    variant_name: Annotated[_Name, Meta(description=_VARIANT_NAME + " (single-endpoint form)")] | None = None
+    sampling_mode: _SamplingMode | None = None
     #: Absolute.
     socket_path: Annotated[
         str,
@@ -84,12 +128,62 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             },
         ),
     ]
-    DataCaptureConfig: DataCaptureConfig
+    DataCaptureConfig: (
+        Annotated[
+            DataCaptureConfig,
+            Meta(
+                description="SageMaker's `DataCaptureConfig` of the endpoint (single-endpoint form)",
+                extra={"default": "its keys' defaults, below"},
+            ),
+        ]
+        | None
+    ) = None
+    endpoints: Annotated[
+        tuple[EndpointConfig, ...],
+        Meta(
+            min_length=1,
+            max_length=MAX_ENDPOINTS,
+            description="several endpoints on one host, each an `[[endpoints]]` table with its own"
+            " `endpoint_name`, `variant_name`, `sampling_mode` and `[endpoints.DataCaptureConfig]`;"
+            " instead of the single-endpoint keys",
+            extra={"items": "endpoint tables"},
+        ),
+    ] = ()
+    default_endpoint: (
+        Annotated[
+            _Name,
+            Meta(
+                description="with `[[endpoints]]`: where captures that name no endpoint go (none: they are"
+                " refused, counted `unknown_endpoint`)"
+            ),
+        ]
+        | None
+    ) = None
     spool: SpoolConfig = SpoolConfig()
     ingest: IngestConfig = IngestConfig()
     s3: S3Config = S3Config()
     watermark: WatermarkConfig = WatermarkConfig()
     metrics: MetricsConfig = MetricsConfig()
+
+    @property
+    def endpoint_configs(self) -> tuple[EndpointConfig, ...]:
+        """Every endpoint, whichever form the file used."""
+        if self.endpoints:
+            return self.endpoints
+        assert self.endpoint_name is not None and self.DataCaptureConfig is not None
+        return (
+            EndpointConfig(
+                endpoint_name=self.endpoint_name,
+                DataCaptureConfig=self.DataCaptureConfig,
+                variant_name=self.variant_name or "AllTraffic",
+                sampling_mode=self.sampling_mode or "random",
+            ),
+        )
+
+    @property
+    def default_endpoint_name(self) -> str | None:
+        """Where a capture naming no endpoint goes: the single endpoint, or `default_endpoint`."""
+        return self.default_endpoint if self.endpoints else self.endpoint_name
 
 
 _NO_OVERRIDES = Overrides()
@@ -124,13 +218,68 @@ def load_config(
         problems=problems,
         data_capture_keys=keys,
     )
+    _one_form(draft, problems)
     values = check_tree(Checker(draft, problems, host=check_host), Config)
+    _check_endpoints(draft, values, problems)
     if problems:
         raise ConfigError(problems)
     try:
         return msgspec.convert(values, Config)
     except msgspec.ValidationError as exc:  # a declaration the checks above do not cover: a bug
         raise ConfigError([f"internal error: {exc}"]) from exc
+
+
+def _one_form(draft: Draft, problems: list[str]) -> None:
+    """`[[endpoints]]` replaces the single-endpoint keys: drop their embedded defaults, and refuse
+    a configuration that gives both forms (or `default_endpoint` without `[[endpoints]]`)."""
+    if "endpoints" not in draft.given:
+        ck = Checker(draft, problems)
+        for key, rule in (("endpoint_name", _NAME_RULE), ("DataCaptureConfig", TABLE_RULE)):
+            if draft.values.get(key) is None:  # required in this form (a JSON file may hold a null)
+                ck.bad(key, draft.values.get(key, MISSING), rule)
+        if "default_endpoint" in draft.given:
+            value = show(draft.values["default_endpoint"])
+            problems.append(
+                f"{_label(draft, 'default_endpoint')}default_endpoint = {value}:"
+                " only with [[endpoints]] (the single endpoint takes every capture)"
+            )
+        return
+    both = [key for key in SINGLE_FORM_KEYS if key in draft.given]
+    if both:
+        problems.append(
+            f"{_label(draft, 'endpoints')}endpoints and {', '.join(both)}: a configuration uses one form or"
+            " the other: several endpoints as [[endpoints]] tables, each with its own endpoint_name,"
+            " variant_name, sampling_mode and DataCaptureConfig, or one endpoint with those keys at the top"
+            " level (the --endpoint-name, --variant-name, --destination and --sampling-percentage flags and"
+            " a --data-capture-config file set the top-level keys)"
+        )
+    for key in SINGLE_FORM_KEYS:
+        draft.values.pop(key, None)
+
+
+def _check_endpoints(draft: Draft, values: dict[str, object], problems: list[str]) -> None:
+    """Rules across `[[endpoints]]`: unique names; `default_endpoint` one of them."""
+    items = values.get("endpoints")
+    if not isinstance(items, list):
+        return
+    names = [item.get("endpoint_name") for item in items if isinstance(item, dict)]
+    for i, name in enumerate(names):
+        if name is not None and name in names[:i]:
+            problems.append(
+                f"{_label(draft, 'endpoints')}endpoints[{i}].endpoint_name = {show(name)}: endpoint names"
+                " must be unique (each is the first component of its object keys)"
+            )
+    default = values.get("default_endpoint")
+    if isinstance(default, str) and default not in names:
+        problems.append(
+            f"{_label(draft, 'default_endpoint')}default_endpoint = {show(default)}: must be the"
+            f" endpoint_name of one of the [[endpoints]] ({', '.join(map(str, names))})"
+        )
+
+
+def _label(draft: Draft, key: str) -> str:
+    label = draft.source(key).label
+    return f"{label}: " if label else ""
 
 
 def render_toml(cfg: Config) -> str:

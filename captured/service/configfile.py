@@ -26,6 +26,8 @@ SDK_CSV_CONTENT_TYPES = ("text/csv",)
 SDK_JSON_CONTENT_TYPES = ("application/json",)
 
 _BARE_KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+#: The last component of a key: `.name`, `[index]`, or the whole key when it is one name.
+_PARENT_PATTERN = re.compile(r"(?:\.[^.\[]*|\[\d+\]|^[^.\[]*)$")
 
 
 class Overrides(msgspec.Struct, frozen=True):
@@ -57,15 +59,18 @@ class Draft:
     def __init__(self, values: dict[str, object], source: Source) -> None:
         self.values = values
         self.sources = {"": source}
+        #: Top-level keys some file or override gave (not only the embedded defaults).
+        self.given: set[str] = set()
 
     def put(self, key: str, value: object, source: Source) -> None:
         self.values[key] = value
         self.sources[key] = source
+        self.given.add(key.partition(".")[0])
 
     def source(self, key: str) -> Source:
-        """The source of a dotted key: the one recorded for it or for its nearest parent."""
+        """The source of a key (`a.b`, `a[2].b`): the one recorded for it or for its nearest parent."""
         while key not in self.sources:
-            key = key.rpartition(".")[0] if "." in key else ""
+            key = _PARENT_PATTERN.sub("", key, count=1) if key else ""
         return self.sources[key]
 
 
@@ -190,6 +195,7 @@ def _merge_overrides(draft: Draft, overrides: Overrides, cwd: str) -> None:
             # A copy: the dict may be the one a file was parsed into.
             draft.values["DataCaptureConfig"] = {**data_capture, INNER[name]: value}
             draft.sources[f"DataCaptureConfig.{INNER[name]}"] = source
+        draft.given.add("DataCaptureConfig")
 
 
 def show(value: object, limit: int = 80) -> str:
@@ -215,25 +221,35 @@ def toml_document(root: msgspec.Struct, comment: str) -> str:
     """A tree of Structs as TOML: scalars and lists as `key = value`, nested Structs as `[tables]`.
 
     Only what our config tree holds is supported: bool, int, finite float, str, tuples, Structs; a
-    None field is left out (every optional field defaults to None).
+    None field is left out (every optional field defaults to None), and so is an empty list (every
+    list that may be empty defaults to empty).
     """
     lines = [f"# {comment}"]
     _table(lines, "", root)
     return "\n".join(lines) + "\n"
 
 
-def _table(lines: list[str], name: str, struct: msgspec.Struct) -> None:
+def _table(lines: list[str], name: str, struct: msgspec.Struct, header: str = "[{}]") -> None:
     if name:
-        lines += ["", f"[{name}]"]
-    nested = []
+        lines += ["", header.format(name)]
+    nested: list[tuple[str, msgspec.Struct, str]] = []
     for field in struct.__struct_fields__:
         value = getattr(struct, field)
         if isinstance(value, msgspec.Struct):
-            nested.append((field, value))  # TOML wants a table's plain keys before its sub-tables
-        elif value is not None:
+            nested.append((field, value, "[{}]"))  # TOML wants a table's plain keys before its sub-tables
+        elif value and isinstance(value, tuple) and all(_has_tables(item) for item in value):
+            nested += [(field, item, "[[{}]]") for item in value]  # [[endpoints]]: an array of tables
+        elif value is not None and value != ():
             lines.append(f"{field} = {toml_value(field, value)}")
-    for field, value in nested:
-        _table(lines, f"{name}.{field}" if name else field, value)
+    for field, value, kind in nested:
+        _table(lines, f"{name}.{field}" if name else field, value, kind)
+
+
+def _has_tables(value: object) -> bool:
+    """A Struct holding a Struct: written as a table of its own, never inline."""
+    return isinstance(value, msgspec.Struct) and any(
+        isinstance(getattr(value, f), msgspec.Struct) for f in value.__struct_fields__
+    )
 
 
 def toml_value(field: str, value: object) -> str:

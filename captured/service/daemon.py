@@ -27,16 +27,16 @@ from captured.daemon import recovery
 from captured.daemon.ingest import IngestServer
 from captured.daemon.ledger import Ledger
 from captured.daemon.pipeline import Pipeline
+from captured.daemon.sample import INFERENCE_ID
 from captured.daemon.spool import Spool
 from captured.daemon.syncer import ThreadSyncer
 from captured.daemon.watermark import CaptureGate
-from captured.delivery.local import LocalDestination
 from captured.delivery.queue import Delivery
-from captured.delivery.uploader import S3Uploader
+from captured.delivery.router import Router
 from captured.service import listen, systemd
-from captured.service.config import Config
+from captured.service.config import SINGLE_FORM_KEYS, Config, EndpointConfig
 from captured.service.process import raise_open_files_limit, tune_malloc
-from captured.service.status import Status
+from captured.service.status import EndpointStatus, Status
 from captured.wire.rules import SOCKET_ENV
 
 if TYPE_CHECKING:
@@ -51,14 +51,13 @@ EXIT_FAILED = 70
 #: How often the one-line STATUS= for systemd is refreshed.
 STATUS_EVERY_S = 5.0
 
-#: Settings a reload may change; any other difference refuses the whole reload.
-LIVE_SETTINGS = (
-    "DataCaptureConfig.EnableCapture",
-    "DataCaptureConfig.InitialSamplingPercentage",
-    "DataCaptureConfig.CaptureOptions",
-    "DataCaptureConfig.CaptureContentTypeHeader",
-    "watermark",
-)
+#: Settings of the daemon a reload may change; any other difference refuses the whole reload.
+LIVE_SETTINGS = ("watermark", "default_endpoint")
+#: Settings of an endpoint a reload may not change (everything else of it is live); endpoints
+#: themselves may be added and removed.
+FIXED_ENDPOINT_SETTINGS = ("DataCaptureConfig.DestinationS3Uri", "DataCaptureConfig.KmsKeyId", "variant_name")
+#: Where the endpoints are declared (compared endpoint by endpoint, not key by key).
+ENDPOINT_KEYS = (*SINGLE_FORM_KEYS, "endpoints", "default_endpoint")
 
 
 class Clock:
@@ -83,11 +82,10 @@ class Daemon:
         self.watchdog_s = systemd.watchdog_interval()
         self.inherited = systemd.listen_fds()
         self.started_at = clock.wall()
-        self.delivery = make_delivery(cfg, clock)
+        self.delivery, self.router = make_delivery(cfg, clock)
         self.ledger = Ledger(cfg.spool_dir)
         self.spool = Spool(
             cfg.spool_dir,
-            cfg.endpoint_name,
             cfg.spool,
             self.delivery.submit,
             syncer=ThreadSyncer(asyncio.get_running_loop()),
@@ -119,21 +117,39 @@ class Daemon:
         self._last_signal = 0
         self.inherited_socket = False
 
-    def status(self) -> Status:
-        """What SageMaker's DescribeEndpoint shows for capture, and what happened so far."""
-        dcc = self.cfg.DataCaptureConfig
-        enabled = dcc.EnableCapture
-        capturing = enabled and self.gate.open
-        reason = None if capturing else ("EnableCapture is false" if not enabled else self.gate.reason)
-        return Status(
-            endpoint_name=self.cfg.endpoint_name,
-            variant_name=self.cfg.variant_name,
-            enable_capture=enabled,
+    def endpoint_status(self, ep: EndpointConfig) -> EndpointStatus:
+        """What DescribeEndpoint shows for one endpoint's capture, and its records."""
+        route = self.pipeline.routes[ep.endpoint_name]
+        capturing = route.enabled and self.gate.open
+        reason = None if capturing else ("EnableCapture is false" if not route.enabled else self.gate.reason)
+        dcc = ep.DataCaptureConfig
+        return EndpointStatus(
+            endpoint_name=ep.endpoint_name,
+            variant_name=route.default_variant,
+            enable_capture=route.enabled,
             capture_status="Started" if capturing else "Stopped",
             capture_status_reason=reason,
-            current_sampling_percentage=self.pipeline.percentage,
+            current_sampling_percentage=route.percentage,
             destination_s3_uri=dcc.DestinationS3Uri,
             kms_key_id=dcc.KmsKeyId,
+            sampling_mode=ep.sampling_mode,
+            counters=route.counters.statistics(),
+        )
+
+    def status(self) -> Status:
+        """What SageMaker's DescribeEndpoint shows for capture, and what happened so far."""
+        endpoints = [self.endpoint_status(ep) for ep in self.cfg.endpoint_configs]
+        default = next((e for e in endpoints if e.endpoint_name == self.cfg.default_endpoint_name), None)
+        return Status(
+            endpoint_name=default.endpoint_name if default else None,
+            variant_name=default.variant_name if default else None,
+            enable_capture=default.enable_capture if default else None,
+            capture_status=default.capture_status if default else None,
+            capture_status_reason=default.capture_status_reason if default else None,
+            current_sampling_percentage=default.current_sampling_percentage if default else None,
+            destination_s3_uri=default.destination_s3_uri if default else None,
+            kms_key_id=default.kms_key_id if default else None,
+            endpoints=endpoints,
             counters=self.pipeline.counters.statistics(),
             spool=self.spool.statistics(),
             watermark=self.gate.statistics(),
@@ -149,7 +165,8 @@ class Daemon:
 
     def recover(self) -> None:
         """Take back what an earlier run left in the spool (`recovery.recover`) and queue it."""
-        for path, size in recovery.recover(self.cfg.spool_dir, self.cfg.endpoint_name, self.ledger):
+        names = [ep.endpoint_name for ep in self.cfg.endpoint_configs]
+        for path, size in recovery.recover(self.cfg.spool_dir, names, self.ledger):
             self.delivery.submit(path, size, recovered=True)
         if self.ledger.sessions:
             log.info("journal: %d client session(s) remembered", len(self.ledger.sessions))
@@ -198,16 +215,16 @@ class Daemon:
                     log.error("cannot serve metrics on %s: %s", self.metrics.address, exc)
                     return 1
                 stack.push_async_callback(self.metrics.stop)
-            log.info(
-                "capturing for endpoint %s: socket %s, spool %s, files land in %s"
-                " (sampling %d%%, capture %s)",
-                self.cfg.endpoint_name,
-                self.cfg.socket_path,
-                self.cfg.spool_dir,
-                self.cfg.DataCaptureConfig.DestinationS3Uri,
-                self.pipeline.percentage,
-                "Started" if self.pipeline.enabled and self.gate.open else "Stopped",
-            )
+            for e in self.status().endpoints:
+                log.info(
+                    "capturing for endpoint %s: files land in %s (sampling %d%%%s, capture %s)",
+                    e.endpoint_name,
+                    e.destination_s3_uri,
+                    e.current_sampling_percentage,
+                    " by inference id" if e.sampling_mode == INFERENCE_ID else "",
+                    e.capture_status,
+                )
+            log.info("socket %s, spool %s", self.cfg.socket_path, self.cfg.spool_dir)
             log.info(
                 "clients: CaptureClient(%r), or CaptureClient() with %s=%s in their environment",
                 self.cfg.socket_path,
@@ -218,7 +235,8 @@ class Daemon:
             self.ready.set()
             async with asyncio.TaskGroup() as tasks:
                 ticker = tasks.create_task(self._tick(), name="tick")
-                delivery = tasks.create_task(self.delivery.run(f"{self.cfg.endpoint_name}/"), name="delivery")
+                prefixes = [f"{ep.endpoint_name}/" for ep in self.cfg.endpoint_configs]
+                delivery = tasks.create_task(self.delivery.run(prefixes), name="delivery")
                 await self._stop.wait()
                 await self._shut_down()
                 ticker.cancel()
@@ -296,23 +314,36 @@ class Daemon:
 
     def status_line(self, records_per_s: float = 0.0) -> str:
         """One line for `systemctl status`: capture state, sampling, rate, files waiting."""
-        enabled = self.pipeline.enabled
-        if enabled and self.gate.open:
-            state = "capture Started"
-        else:
-            state = f"capture Stopped ({'EnableCapture is false' if not enabled else self.gate.reason})"
+        routes = list(self.pipeline.routes.values())
         waiting = len(self.delivery.waiting_paths())
         rate = f"{records_per_s:.0f} records/s"
-        return f"{state}, sampling {self.pipeline.percentage}%, {rate}, {waiting} files waiting"
+        if len(routes) == 1:
+            route = routes[0]
+            if route.enabled and self.gate.open:
+                state = "capture Started"
+            else:
+                state = (
+                    f"capture Stopped ({'EnableCapture is false' if not route.enabled else self.gate.reason})"
+                )
+            return f"{state}, sampling {route.percentage}%, {rate}, {waiting} files waiting"
+        started = sum(r.enabled for r in routes) if self.gate.open else 0
+        state = f"capture Started for {started} of {len(routes)} endpoints"
+        if not self.gate.open:
+            state += f" ({self.gate.reason})"
+        return f"{state}, {rate}, {waiting} files waiting"
 
     def reload(self) -> None:
         """SIGHUP: read the configuration again and apply what can change live.
 
-        Sampling, EnableCapture, capture options, content types and the watermark take effect
-        for the next batch; batches are processed whole on this loop, so no record is lost or
-        counted twice around the switch and no connection is dropped. Any other change (socket,
-        spool, destination, KMS key, limits) refuses the whole reload, as does an invalid file:
-        the running configuration stays.
+        Endpoints may be added and removed; of an endpoint that stays, sampling (percentage and
+        mode), EnableCapture, capture options, content types and its default variant change;
+        so may the watermark and `default_endpoint`. All take effect for the next batch; batches
+        are processed whole on this loop, so no record is lost or counted twice around the
+        switch and no connection is dropped. A removed endpoint's open files are sealed and
+        delivered where its configuration said; captures naming it are refused from then on
+        (`unknown_endpoint`). Any other change (socket, spool, an endpoint's destination or KMS
+        key, limits) refuses the whole reload, as does an invalid file: the running
+        configuration stays.
         """
         self.notifier.reloading()
         try:
@@ -329,27 +360,31 @@ class Daemon:
             self.notifier.ready(self.status_line())
 
     def _apply(self, new: Config) -> None:
-        changed = config_differences(self.cfg, new)
-        fixed = [k for k in changed if not k.startswith(LIVE_SETTINGS)]
+        changes, fixed = reload_changes(self.cfg, new)
         if fixed:
             log.error(
                 "reload refused, the running configuration stays: %s cannot change without a restart",
                 ", ".join(fixed),
             )
             return
-        if not changed:
+        if not changes:
             log.info("reload: the configuration is unchanged")
             return
-        dcc = new.DataCaptureConfig
-        self.pipeline.reconfigure(dcc)
+        old_names = {ep.endpoint_name for ep in self.cfg.endpoint_configs}
+        try:  # new destinations first: one that cannot work refuses the reload before any change
+            for ep in new.endpoint_configs:
+                if ep.endpoint_name not in old_names:
+                    self.router.route(
+                        ep.endpoint_name, ep.DataCaptureConfig.DestinationS3Uri, ep.DataCaptureConfig.KmsKeyId
+                    )
+        except OSError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            return
+        for name in self.pipeline.reconfigure(new):
+            self.spool.seal_all(name)  # its files are delivered where its configuration said
         self.gate.cfg = new.watermark
         self.cfg = new
-        log.info(
-            "reload: applied %s (sampling %d%%, capture %s)",
-            ", ".join(changed),
-            dcc.InitialSamplingPercentage,
-            "enabled" if dcc.EnableCapture else "disabled",
-        )
+        log.info("reload: applied %s", "; ".join(changes))
 
     def stop(self) -> None:
         """Begin the orderly shutdown, as SIGTERM does."""
@@ -364,22 +399,46 @@ class Daemon:
         self._stop.set()
 
 
-def make_delivery(cfg: Config, clock: Clock) -> Delivery:
-    """The delivery stage for the configured destination: S3, or a local directory."""
-    uri = cfg.DataCaptureConfig.DestinationS3Uri
-    if uri.startswith("s3://"):
-        dest = S3Uploader(uri, cfg.s3, kms_key_id=cfg.DataCaptureConfig.KmsKeyId)
-        return Delivery(
-            dest,
-            workers=cfg.s3.max_concurrent_uploads,
-            fatal_retry_s=cfg.s3.fatal_retry_s,
-            wall=clock.wall,
-            monotonic=clock.monotonic,
-        )
-    return Delivery(LocalDestination(uri), wall=clock.wall, monotonic=clock.monotonic)
+def make_delivery(cfg: Config, clock: Clock) -> tuple[Delivery, Router]:
+    """The delivery stage: every endpoint's files to its destination (S3, or a local directory)."""
+    router = Router(cfg.s3)
+    for ep in cfg.endpoint_configs:
+        router.route(ep.endpoint_name, ep.DataCaptureConfig.DestinationS3Uri, ep.DataCaptureConfig.KmsKeyId)
+    delivery = Delivery(
+        router,
+        workers=cfg.s3.max_concurrent_uploads if router.has_s3 else 1,
+        fatal_retry_s=cfg.s3.fatal_retry_s,
+        wall=clock.wall,
+        monotonic=clock.monotonic,
+    )
+    return delivery, router
 
 
-def config_differences(old: Config, new: Config, prefix: str = "") -> list[str]:
+def reload_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
+    """What a reload from `old` to `new` changes, in words, and what it may not change.
+
+    Endpoints are compared by name: added and removed ones are changes; of an endpoint in both,
+    every setting is live but its destination and KMS key (`FIXED_ENDPOINT_SETTINGS`).
+    """
+    changed = [k for k in config_differences(old, new) if not k.startswith(ENDPOINT_KEYS)]
+    fixed = [k for k in changed if not k.startswith(LIVE_SETTINGS)]
+    changes = list(changed)
+    if old.default_endpoint_name != new.default_endpoint_name:
+        changes.append(f"default endpoint {new.default_endpoint_name or 'none'}")
+    before = {ep.endpoint_name: ep for ep in old.endpoint_configs}
+    after = {ep.endpoint_name: ep for ep in new.endpoint_configs}
+    for name, ep in after.items():
+        if name not in before:
+            changes.append(f"endpoint {name} added")
+            continue
+        diffs = config_differences(before[name], ep)
+        fixed += [f"endpoint {name}: {k}" for k in diffs if k in FIXED_ENDPOINT_SETTINGS]
+        changes += [f"endpoint {name}: {k}" for k in diffs]
+    changes += [f"endpoint {name} removed" for name in before if name not in after]
+    return changes, fixed
+
+
+def config_differences(old: msgspec.Struct, new: msgspec.Struct, prefix: str = "") -> list[str]:
     """Dotted names of the settings that differ (tables compared key by key)."""
     out: list[str] = []
     for name in old.__struct_fields__:
@@ -393,7 +452,7 @@ def config_differences(old: Config, new: Config, prefix: str = "") -> list[str]:
             and type(a) is type(b)
             and name != "CaptureContentTypeHeader"
         ):
-            out += config_differences(a, b, key + ".")  # type: ignore[arg-type]
+            out += config_differences(a, b, key + ".")
         else:
             out.append(key)
     return out

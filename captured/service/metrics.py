@@ -4,10 +4,11 @@
 prometheus-client (its formatting, escaping and content type, not ours); `MetricsServer` answers
 `GET /metrics` on a TCP address (`127.0.0.1:9464`) or a Unix socket path, on the daemon's own
 event loop, so every scrape reads the counters at one instant between two batches: they add up
-(received = written + the drops of every reason). Labels stay low-cardinality: a drop reason,
-a failure cause, a close reason. Every known drop reason, close reason and the common failure
-causes have a series from the start (at 0), so the identity and `rate()` work on a healthy
-daemon before the first drop.
+(received = written + the drops of every reason). Records and capture state are labelled by
+`endpoint`; the rest (spool, delivery, disk, clients) is the host's and has no endpoint label.
+Labels stay low-cardinality: an endpoint, a drop reason, a failure cause, a close reason. Every
+known drop reason, close reason and the common failure causes have a series from the start (at
+0), so the identity and `rate()` work on a healthy daemon before the first drop.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from captured.daemon.ingest import CLOSE_REASONS
-from captured.daemon.pipeline import DROP_REASONS
+from captured.daemon.pipeline import DROP_REASONS, CounterStats
 from captured.service.status import Status
 
 log = logging.getLogger("captured.metrics")
@@ -50,6 +52,31 @@ KNOWN_FAILURE_CAUSES = (
 )
 
 
+M = TypeVar("M", CounterMetricFamily, GaugeMetricFamily)
+
+
+def _received(c: CounterStats) -> float:
+    return c.received
+
+
+def _written(c: CounterStats) -> float:
+    return c.written
+
+
+def _remainder(total: CounterStats, parts: list[CounterStats]) -> CounterStats:
+    """What `total` counts beyond `parts`."""
+    dropped = dict(total.dropped)
+    for part in parts:
+        for reason, n in part.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) - n
+    return CounterStats(
+        received=total.received - sum(p.received for p in parts),
+        written=total.written - sum(p.written for p in parts),
+        dropped={k: v for k, v in dropped.items() if v},
+        resent=total.resent - sum(p.resent for p in parts),
+    )
+
+
 def _with_zeros(known: tuple[str, ...], seen: dict[str, int]) -> dict[str, int]:
     """Every known label at 0 unless seen, so `rate()` and sums work before the first event."""
     return {**dict.fromkeys(known, 0), **seen}
@@ -61,39 +88,85 @@ class _StatusCollector:
 
     def collect(self) -> Iterator[Metric]:
         st = self.status
-        c = st.counters
-        labels = {"endpoint": st.endpoint_name}
-        names, values = list(labels), list(labels.values())
+        total = st.counters
+        # Per endpoint: its records and capture state, labelled `endpoint`. Records no endpoint
+        # took (refused as unknown_endpoint or undecodable, or counted by an endpoint a reload
+        # removed) are the `endpoint=""` series, present once there are any: summed over
+        # `endpoint`, every counter is the daemon's total.
+        per: list[tuple[str, CounterStats]] = [(e.endpoint_name, e.counters) for e in st.endpoints]
+        rest = _remainder(total, [c for _, c in per])
+        if rest.received or rest.resent:
+            per.append(("", rest))
+
+        def family(
+            kind: type[M], name: str, help_: str, rows: Sequence[tuple[list[str], float]], *labels: str
+        ) -> M:
+            m = kind(f"captured_{name}", help_, labels=list(labels))
+            for values, value in rows:
+                m.add_metric(values, value)
+            return m
 
         def counter(name: str, help_: str, value: float) -> CounterMetricFamily:
-            m = CounterMetricFamily(f"captured_{name}", help_, labels=names)
-            m.add_metric(values, value)
-            return m
+            return family(CounterMetricFamily, name, help_, [([], value)])
 
         def gauge(name: str, help_: str, value: float) -> GaugeMetricFamily:
-            m = GaugeMetricFamily(f"captured_{name}", help_, labels=names)
-            m.add_metric(values, value)
-            return m
+            return family(GaugeMetricFamily, name, help_, [([], value)])
 
         def by(name: str, help_: str, label: str, items: dict[str, int]) -> CounterMetricFamily:
-            m = CounterMetricFamily(f"captured_{name}", help_, labels=[*names, label])
-            for key, value in sorted(items.items()):
-                m.add_metric([*values, key], value)
-            return m
+            return family(
+                CounterMetricFamily, name, help_, [([k], v) for k, v in sorted(items.items())], label
+            )
 
-        info = InfoMetricFamily("captured_build", "captured version", labels=names)
-        info.add_metric(values, {"version": st.version})
+        def each(kind: type[M], name: str, help_: str, value: Callable[[CounterStats], float]) -> M:
+            return family(kind, name, help_, [([ep], value(c)) for ep, c in per], "endpoint")
+
+        info = InfoMetricFamily("captured_build", "captured version")
+        info.add_metric([], {"version": st.version})
         yield info
-        yield counter("records_received", "Records read from clients", c.received)
-        yield counter("records_written", "Records written to the spool", c.written)
-        yield by(
-            "records_dropped", "Records dropped, by reason", "reason", _with_zeros(DROP_REASONS, c.dropped)
+        yield each(CounterMetricFamily, "records_received", "Records read from clients", lambda c: c.received)
+        yield each(
+            CounterMetricFamily, "records_written", "Records written to the spool", lambda c: c.written
         )
-        yield counter("records_resent", "Records sent again that were already taken (skipped)", c.resent)
+        dropped = [
+            ([ep, reason], n) for ep, c in per for reason, n in _with_zeros(DROP_REASONS, c.dropped).items()
+        ]
+        yield family(
+            CounterMetricFamily,
+            "records_dropped",
+            "Records dropped, by reason",
+            dropped,
+            "endpoint",
+            "reason",
+        )
+        yield each(
+            CounterMetricFamily,
+            "records_resent",
+            "Records sent again that were already taken (skipped)",
+            lambda c: c.resent,
+        )
+        endpoints = st.endpoints
+        yield family(
+            GaugeMetricFamily,
+            "capture_enabled",
+            "EnableCapture (1) or not (0)",
+            [([e.endpoint_name], int(e.enable_capture)) for e in endpoints],
+            "endpoint",
+        )
+        yield family(
+            GaugeMetricFamily,
+            "capture_started",
+            "CaptureStatus Started (1) or Stopped (0)",
+            [([e.endpoint_name], int(e.started)) for e in endpoints],
+            "endpoint",
+        )
+        yield family(
+            GaugeMetricFamily,
+            "sampling_percentage",
+            "Current sampling percentage",
+            [([e.endpoint_name], e.current_sampling_percentage) for e in endpoints],
+            "endpoint",
+        )
         yield gauge("client_sessions", "Protocol 2 client sessions remembered", st.sessions.remembered)
-        yield gauge("capture_enabled", "EnableCapture (1) or not (0)", int(st.enable_capture))
-        yield gauge("capture_started", "CaptureStatus Started (1) or Stopped (0)", int(st.started))
-        yield gauge("sampling_percentage", "Current sampling percentage", st.current_sampling_percentage)
         sp = st.spool
         yield gauge(
             "spool_open_files", "Spool files not yet handed to delivery (open or being sealed)", sp.open_files

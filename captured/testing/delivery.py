@@ -14,7 +14,7 @@ async def running(delivery: Delivery, own_prefix: str = "ep/") -> AsyncIterator[
     """Open the destination and run `delivery` for the block (as the daemon does in its task
     group); then cancel it, which abandons uploads in flight, and close the destination."""
     await delivery.open()
-    task = asyncio.create_task(delivery.run(own_prefix), name="delivery")
+    task = asyncio.create_task(delivery.run([own_prefix]), name="delivery")
     try:
         yield delivery
     finally:

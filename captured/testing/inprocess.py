@@ -59,11 +59,16 @@ class FakeClock(Clock):
 
 @contextlib.asynccontextmanager
 async def run_daemon(
-    cfg: Config, *, clock: Clock | None = None, timeout_s: float = 15.0
+    cfg: Config,
+    *,
+    clock: Clock | None = None,
+    timeout_s: float = 15.0,
+    reload: Callable[[], Config] | None = None,
 ) -> AsyncIterator[Daemon]:
     """Start a `Daemon` on the running loop, yield it once it listens, then stop it in order
-    (as SIGTERM does) and check that it exited 0. Must run in the main thread (signal handlers)."""
-    daemon = Daemon(cfg, clock=clock)
+    (as SIGTERM does) and check that it exited 0. Must run in the main thread (signal handlers).
+    `reload`: what `daemon.reload()` (SIGHUP) reads, as `serve` passes the config files."""
+    daemon = Daemon(cfg, reload, clock=clock)
     task = asyncio.create_task(daemon.run(), name="daemon")
     ready = asyncio.create_task(daemon.ready.wait())
     done, _ = await asyncio.wait({task, ready}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)

@@ -117,6 +117,9 @@ class Record(msgspec.Struct, array_like=True, gc=False, frozen=True):
     inference_id: InferenceId | None = None
     custom_attributes: CustomAttributes | None = None
     variant_name: VariantName | None = None
+    #: Which of the daemon's endpoints the capture is for (None: its default endpoint). A client
+    #: leaves it out of the array when None, so daemons before 0.3 still read its records.
+    endpoint_name: VariantName | None = None
 
 
 class Ack(msgspec.Struct, array_like=True, gc=False, frozen=True):
