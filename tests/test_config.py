@@ -229,6 +229,7 @@ BASE = {
     "ingest": {},
     "s3": {},
     "watermark": {},
+    "delivery": {},
 }
 
 

@@ -11,7 +11,8 @@ records no client was told of. At start, under the spool's lock:
 2. `recover_part` cuts each to its end committed in the journal (`ledger`; what lies past it was
    never acknowledged, and its client sends it again), then back to its last complete line;
 3. `.part` files are renamed to their sealed names, empty ones removed, and the sealed files
-   handed to delivery.
+   handed to delivery; compressed copies (`.jsonl.zst`) an earlier run left are deleted, made
+   again from their plain files at delivery.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections import Counter
 from collections.abc import Collection
 
 from captured.daemon.ledger import Ledger
-from captured.daemon.spool import PART, SEALED
+from captured.daemon.spool import PART, SEALED, ZST
 
 log = logging.getLogger("captured.daemon")
 
@@ -36,6 +37,7 @@ def recover(spool_dir: str, endpoints: Collection[str], ledger: Ledger) -> list[
     Loads the journal's committed ends and sessions into `ledger`, and opens a fresh journal.
     """
     committed = ledger.load()
+    remove_compressed(spool_dir)
     found, parts = scan_spool(spool_dir, endpoints)
     sealed = []
     for path in [p for p, _ in found] + parts:
@@ -100,6 +102,21 @@ def scan_spool(spool_dir: str, endpoints: Collection[str]) -> tuple[list[tuple[s
         )
     sealed.sort()
     return [(p, s) for _, p, s in sealed], sorted(parts)
+
+
+def remove_compressed(spool_dir: str) -> int:
+    """Delete the `.jsonl.zst` files an earlier run left (a crash while compressing, or an
+    object not stored yet): each is made again from its plain file, which stays until its object
+    is stored (`delivery.compressing`). Links and other non-regular files are left alone."""
+    removed = 0
+    with os.scandir(spool_dir) as it:
+        for entry in it:
+            if entry.name.endswith(SEALED + ZST) and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed += 1
+    if removed:
+        log.info("removed %d compressed file(s) an earlier run left; compressed again at delivery", removed)
+    return removed
 
 
 def recover_part(path: str, committed: int | None = None) -> int:

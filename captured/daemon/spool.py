@@ -46,6 +46,8 @@ log = logging.getLogger("captured.spool")
 
 PART = ".part"
 SEALED = ".jsonl"
+#: A sealed file's compressed copy, made at delivery (`delivery.compressing`).
+ZST = ".zst"
 
 #: Disk space is reserved ahead of the writes to an open file: as much as the file holds, at
 #: least RESERVE_MIN and at most RESERVE_MAX bytes (and never past `max_file_bytes`) at a time,

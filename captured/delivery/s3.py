@@ -61,7 +61,7 @@ ABORT_RETRY_MIN_S = 1.0
 ABORT_RETRY_MAX_S = 60.0
 #: The relative key of a capture file: {endpoint}/{variant}/yyyy/mm/dd/hh/MM-SS-mmm-{uuid}.jsonl
 CAPTURE_KEY = re.compile(
-    r"[^/]+/[^/]+/\d{4}/\d{2}/\d{2}/\d{2}/\d{2}-\d{2}-\d{3}-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}\.jsonl"
+    r"[^/]+/[^/]+/\d{4}/\d{2}/\d{2}/\d{2}/\d{2}-\d{2}-\d{3}-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}\.jsonl(\.zst)?"
 )
 
 # Error codes that no retry will mend until someone changes something (permissions, bucket, key).

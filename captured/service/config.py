@@ -43,6 +43,7 @@ from captured.service.configcheck import (
 from captured.service.configfile import Draft, Overrides, gather, show, toml_document
 from captured.service.datacapture import DataCaptureConfig
 from captured.service.settings import (
+    DeliveryConfig,
     IngestConfig,
     MetricsConfig,
     S3Config,
@@ -163,6 +164,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     ingest: IngestConfig = IngestConfig()
     s3: S3Config = S3Config()
     watermark: WatermarkConfig = WatermarkConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
     metrics: MetricsConfig = MetricsConfig()
 
     @property

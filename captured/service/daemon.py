@@ -31,7 +31,9 @@ from captured.daemon.sample import INFERENCE_ID
 from captured.daemon.spool import Spool
 from captured.daemon.syncer import ThreadSyncer
 from captured.daemon.watermark import CaptureGate
-from captured.delivery.queue import Delivery
+from captured.delivery.compress import CompressResult, RatioEstimate
+from captured.delivery.compressing import Compressing
+from captured.delivery.queue import Delivery, Destination
 from captured.delivery.router import Router
 from captured.service import listen, systemd
 from captured.service.config import SINGLE_FORM_KEYS, Config, EndpointConfig
@@ -82,7 +84,11 @@ class Daemon:
         self.watchdog_s = systemd.watchdog_interval()
         self.inherited = systemd.listen_fds()
         self.started_at = clock.wall()
-        self.delivery, self.router = make_delivery(cfg, clock)
+        #: With compression: how well recent files compressed, which sizes the plain spool files.
+        self.estimate = RatioEstimate()
+        self.delivery, self.router, self.compressing = make_delivery(
+            cfg, clock, on_compressed=self._compressed, estimate=lambda: self.estimate.ratio
+        )
         self.ledger = Ledger(cfg.spool_dir)
         self.spool = Spool(
             cfg.spool_dir,
@@ -154,6 +160,7 @@ class Daemon:
             spool=self.spool.statistics(),
             watermark=self.gate.statistics(),
             delivery=self.delivery.statistics(),
+            compression=self.compressing.statistics() if self.compressing is not None else None,
             ingest=self.ingest.stats.statistics(),
             sessions=self.ledger.statistics(),
             socket_path=self.cfg.socket_path,
@@ -162,6 +169,12 @@ class Daemon:
             version=__version__,
             pid=os.getpid(),
         )
+
+    def _compressed(self, result: CompressResult) -> None:
+        """A file was compressed: learn its ratio, and let the spool's plain files grow so that
+        compressed objects come out near `spool.max_file_bytes` (`compress.RatioEstimate`)."""
+        self.estimate.observe(result)
+        self.spool.max_bytes = self.estimate.plain_limit(self.cfg.spool.max_file_bytes)
 
     def recover(self) -> None:
         """Take back what an earlier run left in the spool (`recovery.recover`) and queue it."""
@@ -399,19 +412,31 @@ class Daemon:
         self._stop.set()
 
 
-def make_delivery(cfg: Config, clock: Clock) -> tuple[Delivery, Router]:
-    """The delivery stage: every endpoint's files to its destination (S3, or a local directory)."""
+def make_delivery(
+    cfg: Config,
+    clock: Clock,
+    *,
+    on_compressed: Callable[[CompressResult], None] = lambda result: None,
+    estimate: Callable[[], float] = lambda: 1.0,
+) -> tuple[Delivery, Router, Compressing | None]:
+    """The delivery stage: every endpoint's files to its destination (S3, or a local directory),
+    through zstd first when `delivery.compression` says so."""
     router = Router(cfg.s3)
     for ep in cfg.endpoint_configs:
         router.route(ep.endpoint_name, ep.DataCaptureConfig.DestinationS3Uri, ep.DataCaptureConfig.KmsKeyId)
+    compressing = None
+    destination: Destination = router
+    if cfg.delivery.compression == "zstd":
+        compressing = Compressing(router, cfg.delivery.compression_level, on_compressed, estimate)
+        destination = compressing
     delivery = Delivery(
-        router,
+        destination,
         workers=cfg.s3.max_concurrent_uploads if router.has_s3 else 1,
         fatal_retry_s=cfg.s3.fatal_retry_s,
         wall=clock.wall,
         monotonic=clock.monotonic,
     )
-    return delivery, router
+    return delivery, router, compressing
 
 
 def reload_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:

@@ -186,6 +186,11 @@ class _StatusCollector:
         yield gauge("delivery_files_waiting", "Sealed files waiting for delivery", d.files_waiting)
         yield gauge("delivery_waiting_bytes", "Bytes waiting for delivery", d.bytes_waiting)
         yield gauge("delivery_oldest_waiting_seconds", "Age of the oldest waiting file", d.oldest_waiting_s)
+        if (z := st.compression) is not None:
+            yield counter("compression_files", "Files compressed for delivery", z.files)
+            yield counter("compression_plain_bytes", "Bytes of the files compressed", z.plain_bytes)
+            yield counter("compression_compressed_bytes", "Bytes they compressed to", z.compressed_bytes)
+            yield counter("compression_cpu_seconds", "CPU seconds spent compressing", z.cpu_s)
         w = st.watermark
         if w.used_percent is not None and w.free_bytes is not None:
             yield gauge("disk_used_percent", "Spool filesystem usage", w.used_percent)

@@ -1,4 +1,5 @@
-"""The daemon's own settings: the `[spool]`, `[ingest]`, `[watermark]`, `[s3]` and `[metrics]` tables.
+"""The daemon's own settings: the `[spool]`, `[ingest]`, `[watermark]`, `[delivery]`, `[s3]` and
+`[metrics]` tables.
 
 Each setting is declared once, on its field: type, default, range (`msgspec.Meta` constraints),
 description, and in `Meta.extra` what Meta cannot say (see `configcheck`). Validation, the error
@@ -42,7 +43,8 @@ class SpoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             le=5 * GIB,
             description="a file is sealed before a write would take it past this size (a single line larger"
             " than this gets a file of its own); each file is named after its own first record, also when one"
-            " write is split across files",
+            " write is split across files. With `delivery.compression = \"zstd\"` it bounds the delivered"
+            " (compressed) object: a plain file may grow by the ratio recent files compressed at",
         ),
     ] = 64 * MIB
     fsync_interval_s: Annotated[
@@ -201,6 +203,23 @@ class WatermarkConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             " plus (high - low) % of the filesystem free",
         ),
     ] = 0
+
+
+class DeliveryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    compression: Annotated[
+        str,
+        Meta(
+            pattern=r"\A(?:none|zstd)\Z",
+            description="`none` (plain `.jsonl`, what Model Monitor reads) or `zstd`: every file is"
+            " delivered as `.jsonl.zst`, one zstd frame of exactly the plain file's lines (`zstd -d`,"
+            " DuckDB's `read_json` read it), compressed on a worker thread at delivery. With `zstd`,"
+            " `spool.max_file_bytes` bounds the compressed size (see Behaviour)",
+            extra={"rule": "must be none or zstd"},
+        ),
+    ] = "none"
+    compression_level: Annotated[
+        int, Meta(ge=1, le=19, description="zstd's level: higher is smaller and slower (see bench/README.md)")
+    ] = 3
 
 
 class S3Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -20,6 +20,7 @@ from captured.daemon.ledger import SessionStats
 from captured.daemon.pipeline import CounterStats
 from captured.daemon.spool import SpoolStats
 from captured.daemon.watermark import WatermarkStats
+from captured.delivery.compressing import CompressionStats
 from captured.delivery.queue import DeliveryStats
 
 
@@ -65,6 +66,8 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     spool: SpoolStats
     watermark: WatermarkStats
     delivery: DeliveryStats
+    #: With `delivery.compression = "zstd"`; None without.
+    compression: CompressionStats | None = None
     ingest: IngestStats
     sessions: SessionStats
     socket_path: str
@@ -136,6 +139,7 @@ def format_status(st: Status) -> str:
         f"({d.bytes_waiting} bytes, oldest {d.oldest_waiting_s:.0f}s)",
         f"delivery            {d.bytes_delivered} bytes delivered, {d.retries} retries, "
         f"failures: {_pairs(d.failures)}",
+        *_compression_lines(st.compression),
         f"disk                {disk}",
         f"clients             {ing.connections} connected, {ing.connections_total} so far, "
         f"closed by the daemon: {_pairs(ing.connections_closed)}",
@@ -159,4 +163,14 @@ def _endpoint_lines(e: EndpointStatus, *, default: bool) -> list[str]:
         f"  destination       {e.destination_s3_uri}"
         + (f" (SSE-KMS {e.kms_key_id})" if e.kms_key_id else ""),
         f"  records           received {c.received}, written {c.written}, dropped: {_pairs(c.dropped)}",
+    ]
+
+
+def _compression_lines(z: CompressionStats | None) -> list[str]:
+    if z is None:
+        return []
+    ratio = z.plain_bytes / z.compressed_bytes if z.compressed_bytes else 0.0
+    return [
+        f"compression         zstd level {z.level}: {z.files} files, {z.plain_bytes} -> {z.compressed_bytes}"
+        f" bytes (ratio {ratio:.1f}, estimated {z.estimated_ratio:.1f}), {z.cpu_s:.1f} CPU s"
     ]
