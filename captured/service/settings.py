@@ -43,7 +43,7 @@ class SpoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             le=5 * GIB,
             description="a file is sealed before a write would take it past this size (a single line larger"
             " than this gets a file of its own); each file is named after its own first record, also when one"
-            " write is split across files. With `delivery.compression = \"zstd\"` it bounds the delivered"
+            ' write is split across files. With `delivery.compression = "zstd"` it bounds the delivered'
             " (compressed) object: a plain file may grow by the ratio recent files compressed at",
         ),
     ] = 64 * MIB
