@@ -1,4 +1,6 @@
-"""`AsyncCaptureClient` against a real daemon subprocess (no mocked socket, no mocked daemon)."""
+"""`AsyncCaptureClient` against a real daemon (no mocked socket, no mocked daemon): in the test's
+own event loop (`captured.testing.inprocess`), or a subprocess where the test stops, freezes,
+kills or restarts it."""
 
 from __future__ import annotations
 
@@ -14,8 +16,17 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 
+from captured.client import aio
 from captured.client.aio import AsyncCaptureClient
 from captured.testing.daemon import DaemonProcess
+from captured.testing.inprocess import (
+    FakeClock,
+    delivered_files,
+    delivered_lines,
+    run_daemon,
+    status_doc,
+    write_config,
+)
 
 T = TypeVar("T")
 
@@ -59,19 +70,26 @@ def event_ids(d: DaemonProcess) -> list[str]:
     return [line["eventMetadata"]["eventId"] for line in d.delivered_lines()]
 
 
+def delivered_event_ids(root: Path) -> list[str]:
+    """`event_ids` of what an in-process daemon on `write_config(root)` delivered."""
+    return [line["eventMetadata"]["eventId"] for line in delivered_lines(root)]
+
+
 @pytest.mark.parametrize("loop", sorted(LOOPS))
-def test_records_arrive_byte_exact(daemon: DaemonProcess, loop: str) -> None:
+def test_records_arrive_byte_exact(short_tmp: Path, loop: str) -> None:
     """Created and used outside a loop, then inside one: every record arrives exactly as given.
 
     One record is captured before any loop runs (it waits in the buffer), the rest inside the
     loop; a CSV pair, a JSON body with custom attributes and a binary (BASE64) request. After
-    `flush()` the counters add up; stopping the daemon seals and delivers the hour's file.
+    `flush()` the counters add up; stopping the daemon seals and delivers the hour's file. The
+    daemon runs in the same loop as the client (asyncio or uvloop).
     """
-    client = AsyncCaptureClient(daemon.socket_path)
+    cfg = write_config(short_tmp)
+    client = AsyncCaptureClient(cfg.socket_path)
     assert capture_csv(client, 0)
 
     async def main() -> dict[str, Any]:
-        async with client:
+        async with run_daemon(cfg, clock=FakeClock()), client:
             for i in range(1, 20):
                 assert capture_csv(client, i)
             assert client.capture(
@@ -92,7 +110,7 @@ def test_records_arrive_byte_exact(daemon: DaemonProcess, loop: str) -> None:
             assert await client.flush()
             return client.stats()
 
-    stats = run(main(), loop)
+    stats = run(main(), loop)  # run_daemon stopped the daemon and checked that it exited 0
     assert stats == {
         "captured": 22,
         "sent": 22,
@@ -102,7 +120,6 @@ def test_records_arrive_byte_exact(daemon: DaemonProcess, loop: str) -> None:
         "resent": 0,
         "protocol": 2,
     }
-    assert daemon.stop() == 0
     expected = b"".join(csv_line(i) for i in range(20))
     expected += (
         b'{"captureData":{"endpointInput":{"observedContentType":"application/json","mode":"INPUT",'
@@ -114,7 +131,7 @@ def test_records_arrive_byte_exact(daemon: DaemonProcess, loop: str) -> None:
         b'"endpointOutput":{"observedContentType":null,"mode":"OUTPUT","data":"","encoding":"BASE64"}},'
         b'"eventMetadata":{"eventId":"ev-bin","inferenceTime":"2024-05-01T12:00:31Z"},"eventVersion":"0"}\n'
     )
-    assert daemon.delivered_bytes() == expected
+    assert b"".join(p.read_bytes() for p in delivered_files(short_tmp)) == expected
 
 
 def test_no_daemon_drops_and_never_blocks(short_tmp: Path) -> None:
@@ -259,21 +276,20 @@ def test_stalled_daemon_bounds_memory_then_recovers(daemon: DaemonProcess, loop:
     assert len(daemon.delivered_lines()) == stats["acknowledged"]
 
 
-def test_refused_frame_is_dropped_and_logged_once(
-    daemon_factory: Callable[..., DaemonProcess], caplog: pytest.LogCaptureFixture
-) -> None:
+def test_refused_frame_is_dropped_and_logged_once(short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A daemon whose frame limit is below the client's: it answers the oversized frame's header
     with ERROR and closes. The frame is dropped as `rejected_by_daemon` (resending it would be
-    refused forever), the refusal is logged once, and the client reconnects for what follows."""
+    refused forever), the refusal is logged once by the client (the daemon, in this process too,
+    logs to its own loggers), and the client reconnects for what follows."""
     limit = 12 * 1024 * 1024 + 64 * 1024  # the smallest limit the daemon accepts
-    d = daemon_factory(extra_toml=f"[ingest]\nmax_frame_bytes = {limit}\n").start()
+    cfg = write_config(short_tmp, extra_toml=f"[ingest]\nmax_frame_bytes = {limit}\n")
     client = AsyncCaptureClient(
-        d.socket_path, max_body_bytes=7 * 1024 * 1024, buffer_bytes=32 << 20, reconnect_max_s=0.2
+        cfg.socket_path, max_body_bytes=7 * 1024 * 1024, buffer_bytes=32 << 20, reconnect_max_s=0.2
     )
     big = b"b" * 6_600_000
 
     async def main() -> dict[str, Any]:
-        async with client:
+        async with run_daemon(cfg, clock=FakeClock()), client:
             for n in (1, 2):
                 assert client.capture(big, big)
                 while client.stats()["dropped"].get("rejected_by_daemon", 0) < n:
@@ -283,12 +299,12 @@ def test_refused_frame_is_dropped_and_logged_once(
             return client.stats()
 
     with caplog.at_level(logging.WARNING, logger="captured.client.aio"):
-        stats = run(main())
+        stats = run(main())  # run_daemon stopped the daemon and checked that it exited 0
     assert stats["dropped"] == {"rejected_by_daemon": 2}
     assert stats["sent"] == stats["acknowledged"] == 1
-    assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 1
-    assert d.stop() == 0
-    assert event_ids(d) == ["small"]
+    client_records = [r for r in caplog.records if r.name == aio.log.name]
+    assert len([r for r in client_records if "refused" in r.getMessage()]) == 1
+    assert delivered_event_ids(short_tmp) == ["small"]
 
 
 def test_validation_errors_raise() -> None:
@@ -312,15 +328,21 @@ def test_validation_errors_raise() -> None:
         AsyncCaptureClient(max_body_bytes=8 * 1024 * 1024)
 
 
-def test_a_maximum_size_record_fits_the_default_buffer(daemon: DaemonProcess) -> None:
+def test_a_maximum_size_record_fits_the_default_buffer(short_tmp: Path) -> None:
     """Two 6 MiB bodies exceed the default 8 MiB buffer; an empty buffer takes them (the same
     rule as CaptureClient's)."""
     big = b"7" * (6 * 1024 * 1024)
+    cfg = write_config(short_tmp)
 
-    async def main() -> bool:
-        async with AsyncCaptureClient(daemon.socket_path) as client:
-            ok = client.capture(big, big, request_content_type="text/csv", response_content_type="text/csv")
-            return ok and await client.flush(timeout=30)
+    async def main() -> tuple[bool, dict[str, Any]]:
+        async with run_daemon(cfg, clock=FakeClock()) as daemon:
+            async with AsyncCaptureClient(cfg.socket_path) as client:
+                ok = client.capture(
+                    big, big, request_content_type="text/csv", response_content_type="text/csv"
+                )
+                ok = ok and await client.flush(timeout=30)
+            return ok, status_doc(daemon)
 
-    assert run(main())
-    assert daemon.status()["counters"] == {"received": 1, "written": 1, "dropped": {}, "resent": 0}
+    ok, status = run(main())
+    assert ok
+    assert status["counters"] == {"received": 1, "written": 1, "dropped": {}, "resent": 0}

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from captured import CaptureClient
 from captured.client.record import prepare_record
-from captured.testing.daemon import DaemonProcess
+from captured.service.config import Config
+from captured.service.daemon import Daemon
+from captured.testing.inprocess import (
+    FakeClock,
+    delivered_lines,
+    eventually,
+    run_daemon,
+    status_doc,
+    write_config,
+)
 
 
 def prep(**kw: Any) -> tuple[Any, ...]:
@@ -86,47 +98,74 @@ def test_naive_datetimes_are_utc() -> None:
     assert prep(inference_time=naive)[4] == naive.replace(tzinfo=dt.UTC).timestamp()
 
 
-def test_a_forked_child_gets_its_own_working_client(daemon: DaemonProcess) -> None:
+def in_process(root: Path, test: Callable[[Config, Daemon], Awaitable[None]]) -> None:
+    """Run `test(cfg, daemon)` against a daemon in this test's event loop (`run_daemon`, on a
+    fake clock), on `write_config(root)`; then stop it (it seals and delivers) and check that it
+    exited 0. The client's blocking calls (`flush`, `close`) go through `asyncio.to_thread`: the
+    daemon runs on this thread's loop."""
+
+    async def main() -> None:
+        cfg = write_config(root)
+        async with run_daemon(cfg, clock=FakeClock()) as daemon:
+            await test(cfg, daemon)
+
+    asyncio.run(main())
+
+
+def test_a_forked_child_gets_its_own_working_client(short_tmp: Path) -> None:
     """A client made before fork() (a pre-fork model server) works in the child and the parent."""
-    client = CaptureClient(daemon.socket_path)
-    kw = dict(request_content_type="text/csv", response_content_type="text/csv")
-    client.capture(b"parent-1", b"0", inference_id="parent-1", **kw)
-    assert client.flush()
-    pid = os.fork()
-    if pid == 0:  # child: report through the exit status only
-        client.capture(b"child", b"0", inference_id="child", **kw)
-        ok = client.flush(timeout=10) and client.stats()["captured"] == 1
-        os._exit(0 if ok else 1)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    client.capture(b"parent-2", b"0", inference_id="parent-2", **kw)
-    assert client.flush()
-    assert client.stats()["acknowledged"] == 2
-    client.close()
-    daemon.stop()
-    ids = sorted(r["eventMetadata"]["inferenceId"] for r in daemon.delivered_lines())
+
+    async def test(cfg: Config, daemon: Daemon) -> None:
+        client = CaptureClient(cfg.socket_path)
+        kw: dict[str, Any] = dict(request_content_type="text/csv", response_content_type="text/csv")
+        client.capture(b"parent-1", b"0", inference_id="parent-1", **kw)
+        assert await asyncio.to_thread(client.flush)
+        pid = os.fork()
+        if pid == 0:  # child: report through the exit status only (the daemon runs in the parent)
+            client.capture(b"child", b"0", inference_id="child", **kw)
+            ok = client.flush(timeout=10) and client.stats()["captured"] == 1
+            os._exit(0 if ok else 1)
+        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        client.capture(b"parent-2", b"0", inference_id="parent-2", **kw)
+        assert await asyncio.to_thread(client.flush)
+        assert client.stats()["acknowledged"] == 2
+        await asyncio.to_thread(client.close)
+
+    in_process(short_tmp, test)  # stopping the daemon delivers
+    ids = sorted(r["eventMetadata"]["inferenceId"] for r in delivered_lines(short_tmp))
     assert ids == ["child", "parent-1", "parent-2"]
 
 
-def test_flush_after_close_is_false(daemon: DaemonProcess) -> None:
-    client = CaptureClient(daemon.socket_path)
-    client.capture(b"1", b"2")
-    client.close()
-    assert client.stats()["acknowledged"] == 1
-    assert client.flush() is False
-    assert client.capture(b"1", b"2") is False
+def test_flush_after_close_is_false(short_tmp: Path) -> None:
+    async def test(cfg: Config, daemon: Daemon) -> None:
+        client = CaptureClient(cfg.socket_path)
+        client.capture(b"1", b"2")
+        await asyncio.to_thread(client.close)
+        assert client.stats()["acknowledged"] == 1
+        assert await asyncio.to_thread(client.flush) is False
+        assert client.capture(b"1", b"2") is False
+
+    in_process(short_tmp, test)
 
 
-def test_a_maximum_size_record_fits_the_default_buffer(daemon: DaemonProcess) -> None:
+def test_a_maximum_size_record_fits_the_default_buffer(short_tmp: Path) -> None:
     """Two 6 MiB bodies are more than the default 8 MiB buffer; an empty buffer takes them."""
     big = b"7" * (6 * 1024 * 1024)
-    with CaptureClient(daemon.socket_path) as client:
-        assert client.capture(big, big, request_content_type="text/csv", response_content_type="text/csv")
-        assert client.flush(timeout=30)
-    assert daemon.status()["counters"] == {"received": 1, "written": 1, "dropped": {}, "resent": 0}
+
+    async def test(cfg: Config, daemon: Daemon) -> None:
+        client = CaptureClient(cfg.socket_path)
+        try:
+            assert client.capture(big, big, request_content_type="text/csv", response_content_type="text/csv")
+            assert await asyncio.to_thread(client.flush, 30)
+        finally:
+            await asyncio.to_thread(client.close)
+        assert status_doc(daemon)["counters"] == {"received": 1, "written": 1, "dropped": {}, "resent": 0}
+
+    in_process(short_tmp, test)
 
 
-def test_the_client_works_in_a_process_with_more_than_1024_open_files(daemon: DaemonProcess) -> None:
+def test_the_client_works_in_a_process_with_more_than_1024_open_files(short_tmp: Path) -> None:
     """A model server with many connections open hands the client socket a descriptor past 1023,
     which select(2) cannot watch: the I/O thread polls instead, and capture works."""
     import resource
@@ -134,36 +173,65 @@ def test_the_client_works_in_a_process_with_more_than_1024_open_files(daemon: Da
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1300:
         pytest.skip("needs 1,300 open files")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1300), hard))
-    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
-    try:
-        with CaptureClient(daemon.socket_path) as client:
-            for i in range(100):
-                assert client.capture(f"{i},1\n", "0", request_content_type="text/csv")
-            assert client.flush(timeout=10)
-            assert client.stats()["acknowledged"] == 100
-    finally:
-        for fd in held:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    async def test(cfg: Config, daemon: Daemon) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1300), hard))
+        held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+        try:
+            client = CaptureClient(cfg.socket_path)
+            try:
+                for i in range(100):
+                    assert client.capture(f"{i},1\n", "0", request_content_type="text/csv")
+                assert await asyncio.to_thread(client.flush, 10)
+                assert client.stats()["acknowledged"] == 100
+                assert client._wake_r > 1023  # the descriptors past select(2)'s reach were the client's
+            finally:
+                await asyncio.to_thread(client.close)
+        finally:
+            for fd in held:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    in_process(short_tmp, test)
 
 
-def test_the_wake_pipe_outlives_the_io_thread_until_close_has_joined_it(daemon: DaemonProcess) -> None:
+def test_the_wake_pipe_outlives_the_io_thread_until_close_has_joined_it(short_tmp: Path) -> None:
     """The I/O thread may finish first: close() marks the client closing, and a poll timeout can
     let the thread see everything acknowledged and end before close() writes its wake-up byte.
     That byte must not go to a closed descriptor (EBADF from close(), seen once in a full run),
     or worse, to a descriptor number the application has reused since. So the pipe is closed
-    only by close(), after joining the thread, and exactly once; no descriptor leaks."""
-    fds_before = len(os.listdir("/proc/self/fd"))
-    client = CaptureClient(daemon.socket_path)
-    assert client.capture(b"1", b"2", request_content_type="text/csv", response_content_type="text/csv")
-    assert client.flush(timeout=10)
-    with client._lock:  # the state close() leaves before its wake-up write
-        client._closing = True
-        client._core.closed = True
-    client._thread.join(timeout=5)
-    assert not client._thread.is_alive()  # the I/O thread ended first
-    client._wake()  # what close() does next: the pipe is still open
-    client.close()
-    client.close()  # twice: nothing left to close
-    assert len(os.listdir("/proc/self/fd")) == fds_before
+    only by close(), after joining the thread, and exactly once; no descriptor leaks.
+
+    The daemon shares this process: its descriptors for the hour's open file and the journal
+    are opened by a first client before counting (all records carry the same hour), and its end
+    of each connection is awaited closed before counting (a client that kept its socket open
+    would keep that wait from ending)."""
+    clock_hour = 1_714_564_800.0  # every record in the same hour: one open spool file throughout
+    kw: dict[str, Any] = dict(
+        request_content_type="text/csv", response_content_type="text/csv", inference_time=clock_hour
+    )
+
+    def daemon_connections(daemon: Daemon) -> int:
+        return daemon.status().ingest.connections
+
+    async def test(cfg: Config, daemon: Daemon) -> None:
+        first = CaptureClient(cfg.socket_path)
+        assert first.capture(b"0", b"0", **kw)
+        await asyncio.to_thread(first.close)
+        await eventually(lambda: daemon_connections(daemon) == 0)
+        fds_before = len(os.listdir("/proc/self/fd"))
+        client = CaptureClient(cfg.socket_path)
+        assert client.capture(b"1", b"2", **kw)
+        assert await asyncio.to_thread(client.flush, 10)
+        with client._lock:  # the state close() leaves before its wake-up write
+            client._closing = True
+            client._core.closed = True
+        await asyncio.to_thread(client._thread.join, 5)
+        assert not client._thread.is_alive()  # the I/O thread ended first
+        client._wake()  # what close() does next: the pipe is still open
+        await asyncio.to_thread(client.close)
+        await asyncio.to_thread(client.close)  # twice: nothing left to close
+        await eventually(lambda: daemon_connections(daemon) == 0)
+        assert len(os.listdir("/proc/self/fd")) == fds_before
+
+    in_process(short_tmp, test)

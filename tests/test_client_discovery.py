@@ -1,18 +1,22 @@
-"""A client given no path finds the daemon the README starts, and importing it stays light."""
+"""A client given no path finds the daemon the README starts, and importing it stays light. The
+daemon runs in the test's event loop (`captured.testing.inprocess`); the sync client's blocking
+calls go through `asyncio.to_thread`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from captured import CaptureClient
+from captured.service.config import load_config
+from captured.testing.inprocess import FakeClock, delivered_lines, run_daemon, status_doc, write_config
 from captured.wire.rules import SOCKET_CANDIDATES, SOCKET_ENV, find_socket
 
 
@@ -33,46 +37,67 @@ def test_find_socket_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_a_client_with_no_path_finds_the_quick_start_daemon_started_after_it(
-    daemon_factory: Any, monkeypatch: pytest.MonkeyPatch
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The README's Quick start: `captured serve` in a directory, with its embedded default
     socket (./captured-data/capture.sock), and `CaptureClient()` in the same directory. The
     client is made first, before the daemon listens: it looks for the socket again on every
     connection attempt, so its records arrive once the daemon is up."""
-    d = daemon_factory()
-    monkeypatch.chdir(d.root)
+    root = short_tmp / "d"
+    root.mkdir()
+    monkeypatch.chdir(root)
     monkeypatch.delenv(SOCKET_ENV, raising=False)
     if os.path.exists(SOCKET_CANDIDATES[0]):
         pytest.skip(f"{SOCKET_CANDIDATES[0]} exists on this machine")
-    d.socket_path = str(d.root / "captured-data" / "capture.sock")
-    d.config_path.write_text(
+    socket_path = str(root / "captured-data" / "capture.sock")
+    config_path = root / "captured.toml"
+    config_path.write_text(
         'endpoint_name = "test-endpoint"\n'
-        f'socket_path = "{d.socket_path}"\n'
-        f'spool_dir = "{d.spool_dir}"\n'
+        f'socket_path = "{socket_path}"\n'
+        f'spool_dir = "{root / "spool"}"\n'
         "[DataCaptureConfig]\nInitialSamplingPercentage = 100\n"
-        f'DestinationS3Uri = "file://{d.out_dir}"\n'
+        f'DestinationS3Uri = "file://{root / "out"}"\n'
         'CaptureOptions = [{ CaptureMode = "Input" }]\n'
         '[DataCaptureConfig.CaptureContentTypeHeader]\nCsvContentTypes = ["text/csv"]\n'
     )
-    with CaptureClient(reconnect_max_s=0.1) as client:
+    cfg = load_config(str(config_path))
+
+    async def main() -> None:
+        client = CaptureClient(reconnect_max_s=0.1)
         assert client.capture(b"1,2", None, request_content_type="text/csv", inference_id="early")
-        time.sleep(0.3)  # it tried, found nothing, and holds the record
-        d.start()
-        assert client.flush(timeout=20)
-        assert client.socket_path == d.socket_path
-    assert "CAPTURED_SOCKET=" in d.log()  # the daemon says how clients find it
-    d.stop()
-    assert [r["eventMetadata"]["inferenceId"] for r in d.delivered_lines()] == ["early"]
+        await asyncio.sleep(0.3)  # it tried, found nothing, and holds the record
+        async with run_daemon(cfg, clock=FakeClock()):
+            try:
+                assert await asyncio.to_thread(client.flush, 20)
+                assert client.socket_path == socket_path
+            finally:
+                await asyncio.to_thread(client.close)
+
+    with caplog.at_level(logging.INFO, logger="captured"):
+        asyncio.run(main())  # run_daemon stopped the daemon and checked that it exited 0
+    assert "CAPTURED_SOCKET=" in caplog.text  # the daemon says how clients find it
+    assert [r["eventMetadata"]["inferenceId"] for r in delivered_lines(root)] == ["early"]
 
 
 def test_a_client_finds_the_socket_named_by_captured_socket(
-    daemon: Any, monkeypatch: pytest.MonkeyPatch
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(SOCKET_ENV, daemon.socket_path)
-    with CaptureClient() as client:
-        assert client.capture(b"1,2", b"3", request_content_type="text/csv", response_content_type="text/csv")
-        assert client.flush(timeout=10)
-    assert daemon.status()["counters"]["written"] == 1
+    cfg = write_config(short_tmp)
+    monkeypatch.setenv(SOCKET_ENV, cfg.socket_path)
+
+    async def main() -> None:
+        async with run_daemon(cfg, clock=FakeClock()) as daemon:
+            client = CaptureClient()
+            try:
+                assert client.capture(
+                    b"1,2", b"3", request_content_type="text/csv", response_content_type="text/csv"
+                )
+                assert await asyncio.to_thread(client.flush, 10)
+            finally:
+                await asyncio.to_thread(client.close)
+            assert status_doc(daemon)["counters"]["written"] == 1
+
+    asyncio.run(main())
 
 
 def test_importing_the_client_loads_neither_the_daemon_nor_its_dependencies() -> None:

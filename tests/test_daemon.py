@@ -1,7 +1,13 @@
-"""End to end: the real client -> a real daemon subprocess -> files in the file:// destination."""
+"""End to end: the real client -> a real daemon subprocess -> files in the file:// destination.
+
+What needs the process stays here: signals, exit codes, SIGKILL and restarts, the command line.
+Where a test is about a second `captured serve` refusing to start, the first daemon runs in the
+test's event loop (`captured.testing.inprocess`); the rest of the daemon's behaviour is tested
+in-process in test_daemon_behaviour.py."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -15,9 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from captured import CaptureClient
+from captured.client.aio import AsyncCaptureClient
 from captured.service.cli import query_status
 from captured.testing.daemon import DaemonProcess, wait_for
-from captured.testing.inprocess import csv_pair, raw_records
+from captured.testing.inprocess import (
+    FakeClock,
+    csv_pair,
+    delivered_lines,
+    raw_records,
+    run_daemon,
+    write_config,
+)
 
 UTC = dt.UTC
 
@@ -29,6 +43,22 @@ def capture_all(d: DaemonProcess, records: list[dict[str, Any]]) -> CaptureClien
         assert client.capture(r["request_body"], r["response_body"], **body)
     assert client.flush(timeout=10)
     return client
+
+
+async def capture_all_async(socket_path: str, records: list[dict[str, Any]]) -> None:
+    """`capture_all` for a daemon in this loop: every record accepted and flushed."""
+    async with AsyncCaptureClient(socket_path) as client:
+        for r in records:
+            body = {k: v for k, v in r.items() if k not in ("request_body", "response_body")}
+            assert client.capture(r["request_body"], r["response_body"], **body)
+        assert await client.flush(timeout=10)
+
+
+def serve(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `captured serve` to its end (blocking: in a thread while a daemon runs in the loop)."""
+    return subprocess.run(
+        [sys.executable, "-m", "captured", "serve", *args], capture_output=True, text=True, timeout=30
+    )
 
 
 def test_client_without_daemon_never_blocks_or_raises(short_tmp: Path) -> None:
@@ -240,27 +270,35 @@ def test_the_sample_service_config_is_valid(short_tmp: Path) -> None:
     assert out.returncode == 0, out.stderr
 
 
-def test_a_second_daemon_on_the_same_socket_refuses_to_start(
-    daemon: DaemonProcess, daemon_factory: Any
-) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "captured", "serve", "--config", str(daemon.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 1
-    assert "another daemon is using the spool" in out.stderr
-    assert daemon.status()["CaptureStatus"] == "Started"  # the first one is untouched
+def test_a_second_daemon_on_the_same_socket_refuses_to_start(short_tmp: Path) -> None:
+    """The first daemon runs in this loop; the second is a `captured serve` process on the same
+    config: it exits 1 and says why, and the first still answers on its socket."""
+    cfg = write_config(short_tmp)
+
+    async def main() -> None:
+        async with run_daemon(cfg, clock=FakeClock()):
+            out = await asyncio.to_thread(serve, "--config", str(short_tmp / "captured.toml"))
+            assert out.returncode == 1
+            assert "another daemon is using the spool" in out.stderr
+            status = await asyncio.to_thread(query_status, cfg.socket_path)
+            assert status["CaptureStatus"] == "Started"  # the first one is untouched
+
+    asyncio.run(main())
 
 
-def test_a_stale_socket_file_is_replaced(daemon_factory: Any) -> None:
-    d: DaemonProcess = daemon_factory()
+def test_a_stale_socket_file_is_replaced(short_tmp: Path) -> None:
+    cfg = write_config(short_tmp)
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stale.bind(d.socket_path)
+    stale.bind(cfg.socket_path)
     stale.close()  # the file stays, nobody listens: what a killed daemon leaves
-    d.start()
-    assert d.status()["CaptureStatus"] == "Started"
+
+    async def main() -> None:
+        async with run_daemon(cfg, clock=FakeClock()):
+            # Asked over the socket, as `DaemonProcess.status()` does: the new daemon answers there.
+            status = await asyncio.to_thread(query_status, cfg.socket_path)
+            assert status["CaptureStatus"] == "Started"
+
+    asyncio.run(main())
 
 
 def test_second_sigint_exits_at_once(daemon: DaemonProcess) -> None:
@@ -308,29 +346,25 @@ def test_data_sent_just_after_sigterm_on_an_idle_connection_is_kept(daemon: Daem
     assert len(daemon.delivered_lines()) == 50
 
 
-def test_two_daemons_never_share_a_spool(daemon: DaemonProcess, short_tmp: Path) -> None:
+def test_two_daemons_never_share_a_spool(short_tmp: Path) -> None:
     """A second daemon on the same spool (another socket) refuses to start and leaves the first
-    daemon's open file alone."""
-    capture_all(daemon, [csv_pair(i) for i in range(5)]).close()
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "captured",
-            "serve",
-            "--config",
-            str(daemon.config_path),
-            "--socket",
-            str(short_tmp / "other.sock"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 1 and "another daemon is using the spool" in out.stderr
-    assert len(list(daemon.spool_dir.glob("*.jsonl.part"))) == 1
-    assert daemon.stop() == 0
-    assert len(daemon.delivered_lines()) == 5
+    daemon's open file alone. The first runs in this loop, the second is a `captured serve`
+    process."""
+    root = short_tmp / "d"
+    root.mkdir()
+    cfg = write_config(root)
+
+    async def main() -> None:
+        async with run_daemon(cfg, clock=FakeClock()):
+            await capture_all_async(cfg.socket_path, [csv_pair(i) for i in range(5)])
+            out = await asyncio.to_thread(
+                serve, "--config", str(root / "captured.toml"), "--socket", str(short_tmp / "other.sock")
+            )
+            assert out.returncode == 1 and "another daemon is using the spool" in out.stderr
+            assert len(list(Path(cfg.spool_dir).glob("*.jsonl.part"))) == 1
+
+    asyncio.run(main())  # run_daemon stopped the first daemon and checked that it exited 0
+    assert len(delivered_lines(root)) == 5
 
 
 def test_kill_9_at_random_moments_loses_no_acknowledged_record_and_tears_no_line(
