@@ -35,7 +35,15 @@ from typing import Any
 import psutil
 import pyspy
 from senders import run_sender
-from servers import MAX_FILE_AGE_S, SYSTEMS, CapturedS3Server, CapturedServer, Server
+from servers import (
+    MAX_FILE_AGE_S,
+    SYSTEMS,
+    CapturedEndpointsServer,
+    CapturedS3Server,
+    CapturedServer,
+    CapturedZstdServer,
+    Server,
+)
 
 from captured.testing.data import PAYLOAD_SIZES, body_bytes, payloads
 from captured.testing.s3 import MotoServer
@@ -106,6 +114,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run captured with a file destination beside a SCHED_IDLE busy loop "
         "(system captured-idle-load), the control for the S3 case",
     )
+    p.add_argument(
+        "--endpoints",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also run captured serving N endpoints (system captured-endpoints), sender i naming endpoint "
+        "i mod N; compare at --senders >= N (each model server names its own endpoint)",
+    )
+    p.add_argument(
+        "--compression",
+        choices=["none", "zstd"],
+        default="none",
+        help="zstd: also run captured delivering .jsonl.zst objects (system captured-zstd), and report "
+        "what compressing cost (CPU s per GB, ratio; measured once every file is delivered)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     p.add_argument("--repeat", type=int, default=1, help="runs per system; the median is reported")
     p.add_argument("--workdir", help="where spool and output files go (default: a directory under /tmp)")
@@ -130,6 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--server-env takes KEY=VALUE")
     if args.records < 1 or args.senders < 1 or args.repeat < 1 or not 0 <= args.sampling <= 100:
         p.error("--records, --senders and --repeat must be positive; --sampling 0..100")
+    if not 1 <= args.endpoints <= 64:
+        p.error("--endpoints must be 1..64")
     return args
 
 
@@ -163,7 +188,13 @@ class SenderPool:
     """Sender processes released together by one event; results come back on one queue."""
 
     def __init__(
-        self, system: str, socket_path: str, counts: list[int], size: int, sender: str = "client"
+        self,
+        system: str,
+        socket_path: str,
+        counts: list[int],
+        size: int,
+        sender: str = "client",
+        endpoints: Sequence[str | None] = (None,),
     ) -> None:
         ctx = mp.get_context("spawn")
         self.queue: Any = ctx.Queue()
@@ -173,7 +204,7 @@ class SenderPool:
             ctx.Process(
                 target=run_sender,
                 args=(system, i, socket_path, n, size, self.queue, self.go, FLUSH_TIMEOUT_S),
-                kwargs={"sender": sender},
+                kwargs={"sender": sender, "endpoint_name": endpoints[i % len(endpoints)]},
                 daemon=True,
             )
             for i, n in enumerate(counts)
@@ -251,7 +282,8 @@ def run_once(system: str, args: argparse.Namespace, run: int) -> dict[str, Any]:
         if args.prewarm:
             server.prewarm(args.records * (size + PREWARM_LINE_OVERHEAD))
         server.start()
-        pool = SenderPool(system, server.socket_path, counts, size, args.sender)
+        endpoints = server.endpoint_names() if isinstance(server, CapturedServer) else [None]
+        pool = SenderPool(system, server.socket_path, counts, size, args.sender, endpoints)
         pool.start()
         daemon = psutil.Process(server.pid)
         if args.profile:
@@ -276,6 +308,7 @@ def run_once(system: str, args: argparse.Namespace, run: int) -> dict[str, Any]:
         if recorder is not None:
             recorder.stop()
         senders = pool.finish(args.timeout)
+        settled = server.settle(args.timeout) if isinstance(server, CapturedZstdServer) else None
         peak_rss = server.peak_rss_bytes()
         children_rss = sum(peak_rss_bytes(c.pid) for c in children)
         rc = server.stop()
@@ -318,6 +351,15 @@ def run_once(system: str, args: argparse.Namespace, run: int) -> dict[str, Any]:
         "lines_verified": lines,
         "ok": ok,
     }
+    if settled is not None and (z := settled.get("compression")):
+        result["compression"] = {
+            "files": z["files"],
+            "plain_bytes": z["plain_bytes"],
+            "compressed_bytes": z["compressed_bytes"],
+            "cpu_s": z["cpu_s"],
+            "cpu_s_per_gb": z["cpu_s"] / (z["plain_bytes"] / 1e9) if z["plain_bytes"] else float("nan"),
+            "ratio": z["plain_bytes"] / z["compressed_bytes"] if z["compressed_bytes"] else float("nan"),
+        }
     if recorder is not None:
         result["profile"] = recorder.out_path
         if args.profile_format == "raw":
@@ -456,6 +498,27 @@ def format_report(doc: dict[str, Any]) -> str:
             f"captured-idle-load / captured: records/s x{idle['records_per_s']:.3f}, "
             f"CPU s per 1M records x{idle['cpu_s_per_m']:.3f} (a busy process beside the daemon, by itself)"
         )
+    eps = doc.get("endpoints_ratios")
+    if eps:
+        lines.append(
+            f"captured-endpoints ({p['endpoints']} endpoints) / captured (1): "
+            f"records/s x{eps['records_per_s']:.3f}, "
+            f"CPU s per 1M records x{eps['cpu_s_per_m']:.3f} (target <= 1.05)"
+        )
+    zstd = doc.get("zstd_ratios")
+    if zstd:
+        z = doc["results"]["captured-zstd"].get("compression") or {}
+        cost = (
+            f"; compression, after the clock: {z['files']} file(s), {z['plain_bytes'] / MB:.0f} MB -> "
+            f"{z['compressed_bytes'] / MB:.1f} MB (ratio {z['ratio']:.1f}), {z['cpu_s']:.2f} CPU s "
+            f"({z['cpu_s_per_gb']:.2f} CPU s per GB)"
+            if z
+            else ""
+        )
+        lines.append(
+            f"captured-zstd / captured: records/s x{zstd['records_per_s']:.3f}, "
+            f"CPU s per 1M records x{zstd['cpu_s_per_m']:.3f} (target <= 1.10){cost}"
+        )
     for r in doc["results"].values():
         if "profile_summary" in r:
             lines += ["", f"py-spy profile of {r['system']} ({r['profile']}): self % / total %"]
@@ -478,6 +541,11 @@ def main(argv: list[str] | None = None) -> int:
         systems.insert(1, "captured-s3")
     if args.idle_load:
         systems.insert(1, "captured-idle-load")
+    if args.endpoints > 1:
+        systems.insert(1, "captured-endpoints")
+        CapturedEndpointsServer.endpoints = args.endpoints
+    if args.compression == "zstd":
+        systems.insert(1, "captured-zstd")
     CapturedS3Server.uploader_nice = args.uploader_nice
     CapturedServer.fsync_interval_s = args.spool_fsync
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
@@ -511,11 +579,15 @@ def main(argv: list[str] | None = None) -> int:
             "spool_fsync": args.spool_fsync,
             "sender": args.sender,
             "s3_server": args.s3_server if args.s3 else None,
+            "endpoints": args.endpoints,
+            "compression": args.compression,
         },
         "results": results,
         "ratios": ratios(results),
         "s3_ratios": ratios(results, "captured-s3", "captured"),
         "idle_load_ratios": ratios(results, "captured-idle-load", "captured"),
+        "endpoints_ratios": ratios(results, "captured-endpoints", "captured"),
+        "zstd_ratios": ratios(results, "captured-zstd", "captured"),
     }
     if args.repeat > 1:
         doc["runs"] = runs

@@ -44,13 +44,20 @@ def _cpu() -> float:
 
 
 def captured_sender(
-    index: int, socket_path: str, n: int, size: int, ready: Queue[Any], go: Event, flush_timeout_s: float
+    index: int,
+    socket_path: str,
+    n: int,
+    size: int,
+    ready: Queue[Any],
+    go: Event,
+    flush_timeout_s: float,
+    endpoint_name: str | None = None,
 ) -> None:
     """Offer every record exactly once through `CaptureClient`, retrying while the buffer is full."""
     from captured import CaptureClient
 
     pairs = payloads(n, seed=index, size=size)
-    client = CaptureClient(socket_path, buffer_bytes=CAPTURED_BUFFER_BYTES)
+    client = CaptureClient(socket_path, buffer_bytes=CAPTURED_BUFFER_BYTES, endpoint_name=endpoint_name)
     capture = client.capture
     ready.put("ready")
     go.wait()
@@ -144,11 +151,17 @@ def naive_sender(
 CAPTURED_SENDERS = {"client": captured_sender, "frames": frames_sender}
 
 
-def run_sender(system: str, *args: Any, sender: str = "client") -> None:
-    """Process target: run one sender; any failure is reported instead of a result."""
+def run_sender(system: str, *args: Any, sender: str = "client", endpoint_name: str | None = None) -> None:
+    """Process target: run one sender; any failure is reported instead of a result.
+    `endpoint_name`: what a `CaptureClient` sender names (None: the daemon's default endpoint)."""
     target = naive_sender if system == "naive" else CAPTURED_SENDERS[sender]
+    if endpoint_name is not None and target is not captured_sender:
+        raise ValueError("only the client sender names an endpoint")
     try:
-        target(*args)
+        if endpoint_name is not None:
+            target(*args, endpoint_name)
+        else:
+            target(*args)
     except BaseException as exc:
         index, ready = args[0], args[4]
         ready.put(asdict(SenderResult(index, 0, 0.0, 0.0, error=f"{type(exc).__name__}: {exc}")))

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import zstandard
+
 from captured.service.cli import query_status
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -156,6 +158,14 @@ class Server:
 
 def _count_file(path: str) -> int:
     n = 0
+    if path.endswith(".zst"):
+        with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as fh:
+            first = b""
+            while chunk := fh.read(1 << 20):
+                first = first or chunk.split(b"\n", 1)[0]
+                n += chunk.count(b"\n")
+        _check_first_line(first, path)
+        return n
     with open(path, "rb") as fh:
         first = fh.readline()
         if first:
@@ -176,6 +186,10 @@ class CapturedServer(Server):
     name = "captured"
     #: `[spool] fsync_interval_s`; None: the daemon's default.
     fsync_interval_s: float | None = None
+    #: Endpoints configured (`bench-0` ...; one: the single-endpoint form, `bench`).
+    endpoints = 1
+    #: `[delivery] compression`.
+    compression = "none"
 
     def __init__(self, sampling: int, workdir: str | None, env: dict[str, str] | None = None) -> None:
         super().__init__(sampling, workdir, env)
@@ -190,22 +204,35 @@ class CapturedServer(Server):
     def extra_toml(self) -> str:
         return ""
 
+    def endpoint_names(self) -> list[str]:
+        """What the senders name, sender i the (i mod n)-th; [None]: the single endpoint."""
+        return [f"bench-{i}" for i in range(self.endpoints)] if self.endpoints > 1 else [None]  # type: ignore[list-item]
+
     def config_toml(self) -> str:
-        return (
-            'endpoint_name = "bench"\n'
-            'variant_name = "AllTraffic"\n'
-            f'socket_path = "{self.socket_path}"\n'
-            f'spool_dir = "{self.spool_dir}"\n'
-            "\n[spool]\n"
-            f"max_file_age_s = {MAX_FILE_AGE_S}\n"
-            + (f"fsync_interval_s = {self.fsync_interval_s}\n" if self.fsync_interval_s is not None else "")
-            + "\n[DataCaptureConfig]\n"
+        capture = (
             f"InitialSamplingPercentage = {self.sampling}\n"
             f'DestinationS3Uri = "{self.destination()}"\n'
             'CaptureOptions = [{ CaptureMode = "Input" }, { CaptureMode = "Output" }]\n'
-            "\n[DataCaptureConfig.CaptureContentTypeHeader]\n"
-            'CsvContentTypes = ["text/csv"]\n'
-            'JsonContentTypes = ["application/json"]\n' + self.extra_toml()
+        )
+        types = 'CsvContentTypes = ["text/csv"]\nJsonContentTypes = ["application/json"]\n'
+        if self.endpoints == 1:
+            endpoints = (
+                'endpoint_name = "bench"\nvariant_name = "AllTraffic"\n'
+                f"\n[DataCaptureConfig]\n{capture}\n[DataCaptureConfig.CaptureContentTypeHeader]\n{types}"
+            )
+        else:
+            endpoints = "".join(
+                f'\n[[endpoints]]\nendpoint_name = "{name}"\n[endpoints.DataCaptureConfig]\n{capture}'
+                f"[endpoints.DataCaptureConfig.CaptureContentTypeHeader]\n{types}"
+                for name in self.endpoint_names()
+            )
+        return (
+            f'socket_path = "{self.socket_path}"\n'
+            f'spool_dir = "{self.spool_dir}"\n' + endpoints + "\n[spool]\n"
+            f"max_file_age_s = {MAX_FILE_AGE_S}\n"
+            + (f"fsync_interval_s = {self.fsync_interval_s}\n" if self.fsync_interval_s is not None else "")
+            + f'\n[delivery]\ncompression = "{self.compression}"\n'
+            + self.extra_toml()
         )
 
     def command(self) -> list[str]:
@@ -228,6 +255,17 @@ class CapturedServer(Server):
     def snapshot(self) -> dict[str, Any]:
         d = query_status(self.socket_path)["delivery"]
         return {"files_delivered": d["files_delivered"], "bytes_delivered": d["bytes_delivered"]}
+
+    def settle(self, timeout_s: float) -> dict[str, Any]:
+        """Seal-and-deliver everything already written (waits for the files' age rotation), then
+        the status; used after the clock stopped, to read what compression cost."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            st = query_status(self.socket_path)
+            if st["spool"]["open_files"] == 0 and st["delivery"]["files_waiting"] == 0:
+                return st
+            time.sleep(0.2)
+        return query_status(self.socket_path)
 
 
 class CapturedS3Server(CapturedServer):
@@ -329,8 +367,23 @@ class CapturedIdleLoadServer(CapturedServer):
         super().cleanup()
 
 
+class CapturedEndpointsServer(CapturedServer):
+    """`captured` serving several endpoints (`--endpoints N`), sender i naming bench-(i mod N)."""
+
+    name = "captured-endpoints"
+
+
+class CapturedZstdServer(CapturedServer):
+    """`captured` delivering zstd-compressed objects (`--compression zstd`)."""
+
+    name = "captured-zstd"
+    compression = "zstd"
+
+
 SYSTEMS: dict[str, type[Server]] = {
     "captured": CapturedServer,
+    "captured-endpoints": CapturedEndpointsServer,
+    "captured-zstd": CapturedZstdServer,
     "captured-s3": CapturedS3Server,
     "captured-idle-load": CapturedIdleLoadServer,
     "naive": NaiveServer,
