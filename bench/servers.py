@@ -253,19 +253,12 @@ class CapturedServer(Server):
         return [self.spool_dir, self.out_dir]
 
     def snapshot(self) -> dict[str, Any]:
-        d = query_status(self.socket_path)["delivery"]
-        return {"files_delivered": d["files_delivered"], "bytes_delivered": d["bytes_delivered"]}
-
-    def settle(self, timeout_s: float) -> dict[str, Any]:
-        """Seal-and-deliver everything already written (waits for the files' age rotation), then
-        the status; used after the clock stopped, to read what compression cost."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            st = query_status(self.socket_path)
-            if st["spool"]["open_files"] == 0 and st["delivery"]["files_waiting"] == 0:
-                return st
-            time.sleep(0.2)
-        return query_status(self.socket_path)
+        st = query_status(self.socket_path)
+        d = st["delivery"]
+        out = {"files_delivered": d["files_delivered"], "bytes_delivered": d["bytes_delivered"]}
+        if st.get("compression"):
+            out["compression_cpu_s"] = st["compression"]["cpu_s"]  # files compressed so far, in the daemon
+        return out
 
 
 class CapturedS3Server(CapturedServer):
@@ -378,6 +371,8 @@ class CapturedZstdServer(CapturedServer):
 
     name = "captured-zstd"
     compression = "zstd"
+    #: `[delivery] compression_level`: the daemon's default.
+    compression_level = 3
 
 
 SYSTEMS: dict[str, type[Server]] = {

@@ -123,6 +123,32 @@ def test_ingest_bench_with_the_s3_sink() -> None:
 
 
 @pytest.mark.timeout(120)
+def test_ingest_bench_with_several_endpoints_and_zstd() -> None:
+    """`bench/ingest.py --endpoints 2 --compression zstd`: captured with two endpoints (a sender
+    each) and captured delivering .jsonl.zst run beside captured; every line is found again, the
+    compressed outputs decompressed, and the compression's cost is measured on them."""
+    args = [
+        "-n",
+        str(RECORDS),
+        "--senders",
+        "2",
+        "--only",
+        "captured",
+        "--endpoints",
+        "2",
+        "--compression",
+        "zstd",
+    ]
+    doc = run_bench("ingest.py", *args, "--no-prewarm")
+    assert set(doc["results"]) == {"captured", "captured-endpoints", "captured-zstd"}
+    for result in doc["results"].values():
+        assert result["ok"] and result["lines_verified"] == RECORDS, result
+    z = doc["results"]["captured-zstd"]["compression"]
+    assert z["ratio"] > 1 and z["plain_bytes"] > z["compressed_bytes"] > 0
+    assert set(doc["endpoints_ratios"]) == set(doc["zstd_ratios"]) == {"records_per_s", "cpu_s_per_m"}
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("client", ["sync", "async"])
 def test_paced_bench_runs_and_every_record_arrives(client: str) -> None:
     doc = run_bench("paced.py", "--rates", "200", "--seconds", "0.5", "--repeat", "1", "--client", client)
