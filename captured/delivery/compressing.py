@@ -4,7 +4,9 @@
 `X.jsonl` under key `K.jsonl` it writes `X.jsonl.zst` beside it in the spool (`compress.
 compress_file`, on a worker thread: zstd releases the GIL, so the event loop keeps taking
 records), then has the inner destination store that under `K.jsonl.zst`. Keys and names are the
-plain ones plus the suffix.
+plain ones plus the suffix. The thread is one of its own, at a lower CPU priority (`NICE`): on a
+busy host ingest gets the CPU first, and one file is compressed at a time (bounded memory;
+zstd at level 3 compresses several times faster than the daemon takes records).
 
 Crash safety and exactly-once are the plain file's: it stays in the spool, the source of truth,
 until the compressed object is stored (`queue.Delivery` deletes it only then). A `.zst` left by a
@@ -20,8 +22,11 @@ plain files so that compressed objects come out near `spool.max_file_bytes`) and
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import logging
 import os
+import threading
 from collections.abc import Callable
 
 import msgspec
@@ -29,6 +34,11 @@ import msgspec
 from captured.delivery.compress import ZST, CompressResult, compress_file
 from captured.delivery.local import local_error
 from captured.delivery.queue import Destination
+
+log = logging.getLogger("captured.deliver")
+
+#: How much lower the compressing thread's CPU priority is than the daemon's (Linux: per thread).
+NICE = 10
 
 
 class CompressionStats(msgspec.Struct, frozen=True):
@@ -63,6 +73,7 @@ class Compressing:
         self._ready: dict[str, str] = {}
         self.files = self.plain_bytes = self.compressed_bytes = 0
         self.cpu_s = 0.0
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "zstd", initializer=_lower_priority)
 
     async def start(self) -> None:
         await self.inner.start()
@@ -72,7 +83,8 @@ class Compressing:
         if compressed is None or not os.path.exists(compressed):
             compressed = path + ZST
             try:
-                result = await asyncio.to_thread(_compress, path, compressed, self.level)
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self._pool, _compress, path, compressed, self.level)
             except OSError as exc:  # the spool's disk (full, failing): counted by its cause
                 raise local_error(exc) from exc
             self._ready[path] = compressed
@@ -92,6 +104,7 @@ class Compressing:
 
     async def close(self) -> None:
         await self.inner.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def statistics(self) -> CompressionStats:
         return CompressionStats(
@@ -102,6 +115,15 @@ class Compressing:
             cpu_s=round(self.cpu_s, 3),
             estimated_ratio=round(self._estimate(), 3),
         )
+
+
+def _lower_priority() -> None:
+    """Runs in the compressing thread: lower its own priority (on Linux, nice is per thread)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + NICE)
+    except OSError as exc:  # not permitted here: compress at the daemon's priority
+        log.debug("compressing thread keeps the daemon's priority: %s", exc)
 
 
 def _compress(path: str, compressed: str, level: int) -> CompressResult:
