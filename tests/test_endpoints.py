@@ -14,15 +14,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from captured.client.aio import AsyncCaptureClient
+from captured.client.record import prepare_record
+from captured.client.sync import CaptureClient
 from captured.daemon.sample import keep_id
 from captured.errors import ConfigError
 from captured.service.config import Config, load_config, render_toml
 from captured.service.configfile import Overrides
 from captured.testing.inprocess import FakeClock, run_daemon
 from captured.testing.s3 import S3Sandbox
+from captured.wire import frames
 
 BOTH = '[{ CaptureMode = "Input" }, { CaptureMode = "Output" }]'
 INPUT = '[{ CaptureMode = "Input" }]'
@@ -262,7 +266,8 @@ def test_a_reload_adds_and_removes_endpoints_while_clients_send_and_loses_nothin
     from then on). Every record is delivered once or counted as refused: nothing else."""
     dest = {name: short_tmp / name for name in "abc"}
     before = endpoint("a", f"file://{dest['a']}") + endpoint("b", f"file://{dest['b']}")
-    after = endpoint("a", f"file://{dest['a']}", percentage=100) + endpoint("c", f"file://{dest['c']}")
+    # a's sampling mode changes live (at 100 % nothing is sampled out either way)
+    after = endpoint("a", f"file://{dest['a']}", mode="inference_id") + endpoint("c", f"file://{dest['c']}")
     path = write(short_tmp, before, 'default_endpoint = "a"\n')
     cfg = load_config(str(path))
 
@@ -286,7 +291,9 @@ def test_a_reload_adds_and_removes_endpoints_while_clients_send_and_loses_nothin
             await send(cfg.socket_path, "b", 40, endpoint_name="b")
             path.write_text(path.read_text().replace(before, after))
             daemon.reload()
-            assert [e.endpoint_name for e in daemon.status().endpoints] == ["a", "c"]
+            endpoints = daemon.status().endpoints
+            assert [e.endpoint_name for e in endpoints] == ["a", "c"]
+            assert endpoints[0].sampling_mode == "inference_id"
             await send(cfg.socket_path, "b-late", 15, endpoint_name="b")  # refused from now on
             await send(cfg.socket_path, "c", 60, endpoint_name="c")
             stop.set()
@@ -301,6 +308,36 @@ def test_a_reload_adds_and_removes_endpoints_while_clients_send_and_loses_nothin
     assert total.received == a_sent + 40 + 15 + 60
     assert total.written == a_sent + 40 + 60 and total.dropped == {"unknown_endpoint": 15}
     assert {e.endpoint_name: e.counters.written for e in st.endpoints} == {"a": a_sent, "c": 60}
+
+
+# --- the client ------------------------------------------------------------------------------------------
+
+
+def test_the_client_names_its_endpoint_and_refuses_names_the_daemon_could_not_use(tmp_path: Path) -> None:
+    """The wire record carries the endpoint only when one is named (older daemons read the rest);
+    a name outside SageMaker's pattern (it becomes a path component) is a programming error."""
+    plain, _ = prepare_record(b"1", b"2", "text/csv", "text/csv", None, None, None, None, None, 1024)
+    assert len(plain) == 5
+    named, size = prepare_record(
+        b"1", b"2", "text/csv", "text/csv", None, None, None, None, None, 1024, None, "churn"
+    )
+    assert frames.record_decoder.decode(msgspec.msgpack.encode(named)).endpoint_name == "churn"
+    assert (
+        size == prepare_record(b"1", b"2", "text/csv", "text/csv", None, None, None, None, None, 1024)[1] + 5
+    )
+    per_call, _ = prepare_record(
+        b"1", None, "text/csv", None, "id", None, None, None, None, 1024, "fraud", "churn"
+    )
+    assert frames.record_decoder.decode(msgspec.msgpack.encode(per_call)).endpoint_name == "fraud"
+    for bad in ("../etc", "a.b", "", "x" * 64, "-a"):
+        with pytest.raises(ValueError, match="endpoint_name"):
+            CaptureClient(str(tmp_path / "none.sock"), endpoint_name=bad)
+        with pytest.raises(ValueError, match="endpoint_name"):
+            AsyncCaptureClient(str(tmp_path / "none.sock"), endpoint_name=bad)
+    with CaptureClient(str(tmp_path / "none.sock"), endpoint_name="churn") as client:
+        with pytest.raises(ValueError, match="endpoint_name"):
+            client.capture(b"1", b"2", endpoint_name="a/b")
+        assert client.endpoint_name == "churn"
 
 
 # --- sampling by inference id -----------------------------------------------------------------------------
