@@ -349,13 +349,13 @@ class Daemon:
         """SIGHUP: read the configuration again and apply what can change live.
 
         Endpoints may be added and removed; of an endpoint that stays, sampling (percentage and
-        mode), EnableCapture, capture options, content types and its default variant change;
-        so may the watermark and `default_endpoint`. All take effect for the next batch; batches
+        mode), EnableCapture, capture options and content types change; so may the watermark
+        and `default_endpoint`. All take effect for the next batch; batches
         are processed whole on this loop, so no record is lost or counted twice around the
         switch and no connection is dropped. A removed endpoint's open files are sealed and
         delivered where its configuration said; captures naming it are refused from then on
-        (`unknown_endpoint`). Any other change (socket, spool, an endpoint's destination or KMS
-        key, limits) refuses the whole reload, as does an invalid file: the running
+        (`unknown_endpoint`). Any other change (socket, spool, an endpoint's destination, KMS key
+        or default variant, limits, compression) refuses the whole reload, as does an invalid file: the running
         configuration stays.
         """
         self.notifier.reloading()
