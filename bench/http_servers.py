@@ -3,10 +3,12 @@
 Two servers run the same small model (bench/http_apps.py: POST /invocations parses a CSV line of
 about 30 floats and answers a dot product as text/csv), in arms that alternate in each round:
 
-- flask: Flask under `gunicorn -w 4 --preload` (pre-forked sync workers): no capture, and one
-  `CaptureClient` made before the fork (each worker gets its own), `capture()` per request;
-- fastapi: FastAPI under uvicorn (one process): no capture, the thread `CaptureClient`, and
-  `AsyncCaptureClient` (started and closed in the lifespan handler).
+- flask: Flask under `gunicorn -w 4 --preload` (pre-forked sync workers): no capture, one
+  `CaptureClient` made before the fork (each worker gets its own) with `capture()` per request,
+  and `WSGICaptureMiddleware` around the app (the one line a user adds);
+- fastapi: FastAPI under uvicorn (one process): no capture, the thread `CaptureClient`,
+  `AsyncCaptureClient` (started and closed in the lifespan handler), and `CaptureMiddleware`
+  (`app.add_middleware`).
 
 One `captured serve` (bench/servers.py, file:// destination in a temporary directory, 100 %
 sampling) runs for the whole run; its socket reaches the apps in `CAPTURED_BENCH_SOCKET`. A load
@@ -61,8 +63,13 @@ WARMUP_S = 2.0
 GRACE_S = 20.0
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
-ARMS = {"flask": ("none", "thread"), "fastapi": ("none", "thread", "async")}
-ARM_NAMES = {"none": "no capture", "thread": "CaptureClient", "async": "AsyncCaptureClient"}
+ARMS = {"flask": ("none", "thread", "middleware"), "fastapi": ("none", "thread", "async", "middleware")}
+ARM_NAMES = {
+    "none": "no capture",
+    "thread": "CaptureClient",
+    "async": "AsyncCaptureClient",
+    "middleware": "middleware",
+}
 METRICS = ("requests_per_s", "p50_ms", "p99_ms", "app_cpu_us_per_req", "daemon_cpu_us_per_req")
 
 
@@ -85,7 +92,7 @@ def _parse_head(head: bytes) -> tuple[int, int, bool]:
 
 
 async def _load(port: int, concurrency: int, seconds: float) -> dict[str, Any]:
-    from data import payloads
+    from captured.testing.data import payloads
 
     requests = [
         b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: text/csv\r\n"

@@ -231,12 +231,7 @@ class Pipeline:
         # One endpoint sampling at random: drop before decoding what will not be written.
         c = single.counters
         n = len(raws)
-        c.received += n
-        if not single.enabled:
-            c.drop(CAPTURE_DISABLED, n)
-            return
-        if not self.gate.open:
-            c.drop(DISK_WATERMARK, n)
+        if not self._admit(single, n):
             return
         kept = sample(raws, single.percentage)
         c.drop(SAMPLED_OUT, n - len(kept))
@@ -290,14 +285,9 @@ class Pipeline:
                 records[0].endpoint_name or "none named, and no default_endpoint",
             )
             return
+        if not self._admit(route, n):
+            return
         c = route.counters
-        c.received += n
-        if not route.enabled:
-            c.drop(CAPTURE_DISABLED, n)
-            return
-        if not self.gate.open:
-            c.drop(DISK_WATERMARK, n)
-            return
         if route.percentage < 100:
             records = (
                 sample_by_id(records, route.percentage) if route.by_id else sample(records, route.percentage)
@@ -305,6 +295,19 @@ class Pipeline:
             c.drop(SAMPLED_OUT, n - len(records))
         if records:
             self._write(route, records)
+
+    def _admit(self, route: Route, n: int) -> bool:
+        """Count `n` records received for `route`; False (and counted) when its capture is
+        disabled or the disk is past its watermark."""
+        c = route.counters
+        c.received += n
+        if not route.enabled:
+            c.drop(CAPTURE_DISABLED, n)
+            return False
+        if not self.gate.open:
+            c.drop(DISK_WATERMARK, n)
+            return False
+        return True
 
     def _refuse(self, reason: str, n: int) -> None:
         """`n` records no endpoint can be told for, dropped for `reason`."""
