@@ -3,8 +3,10 @@
 `POST /invocations` parses one CSV line of about 30 floats, takes its dot product with fixed
 weights and answers the score as text/csv; `GET /ping` answers 200 (the readiness probe, never
 captured). Capture is on when `CAPTURED_BENCH_SOCKET` names the daemon's socket;
-`CAPTURED_BENCH_CLIENT` picks the FastAPI app's client: `thread` (`CaptureClient`, the default)
-or `async` (`AsyncCaptureClient`, started and closed by the lifespan handler).
+`CAPTURED_BENCH_CLIENT` picks how: `thread` (`CaptureClient`, the default) or `async`
+(`AsyncCaptureClient`, started and closed by the lifespan handler; FastAPI only), each with
+`capture()` called by the route, or `middleware` (`captured.middleware`: `CaptureMiddleware` /
+`WSGICaptureMiddleware` around the app, the route untouched).
 
     cd bench && gunicorn -w 4 --preload -b 127.0.0.1:8080 'http_apps:flask_app()'
     cd bench && uvicorn --factory http_apps:fastapi_app --port 8080
@@ -42,8 +44,13 @@ def flask_app() -> "Flask":
     from flask import Flask, Response, request
 
     socket_path = os.environ.get(SOCKET_ENV)
-    client = CaptureClient(socket_path) if socket_path else None
+    middleware = os.environ.get(CLIENT_ENV) == "middleware"
+    client = CaptureClient(socket_path) if socket_path and not middleware else None
     app = Flask("http_apps")
+    if socket_path and middleware:
+        from captured.middleware import WSGICaptureMiddleware
+
+        app.wsgi_app = WSGICaptureMiddleware(app.wsgi_app, socket_path=socket_path)  # type: ignore[method-assign]
 
     @app.get("/ping")
     def ping() -> Response:
@@ -71,7 +78,9 @@ def fastapi_app() -> "FastAPI":
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if socket_path and kind == "async":
+        if kind == "middleware":
+            pass  # the middleware's own client, closed by the lifespan's shutdown
+        elif socket_path and kind == "async":
             aclient = AsyncCaptureClient(socket_path)
             await aclient.start()
             clients.append(aclient)
@@ -87,6 +96,10 @@ def fastapi_app() -> "FastAPI":
                     await asyncio.to_thread(client.close)
 
     app = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    if socket_path and kind == "middleware":
+        from captured.middleware import CaptureMiddleware
+
+        app.add_middleware(CaptureMiddleware, socket_path=socket_path)
 
     @app.get("/ping")
     async def ping() -> Response:

@@ -157,6 +157,11 @@ class AsyncCaptureClient:
         self._logged: set[str] = set()  # causes already logged: one line each
         self._fallback_logged = False
 
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest body `capture()` takes."""
+        return self._max_body
+
     # ---- caller side -------------------------------------------------------------------
 
     def capture(

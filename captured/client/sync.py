@@ -119,6 +119,11 @@ class CaptureClient:
         self._thread = threading.Thread(target=self._io_loop, name="captured-client", daemon=True)
         self._thread.start()
 
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest body `capture()` takes."""
+        return self._max_body
+
     # ---- caller side -------------------------------------------------------------------
 
     def capture(

@@ -355,8 +355,8 @@ class Daemon:
         switch and no connection is dropped. A removed endpoint's open files are sealed and
         delivered where its configuration said; captures naming it are refused from then on
         (`unknown_endpoint`). Any other change (socket, spool, an endpoint's destination, KMS key
-        or default variant, limits, compression) refuses the whole reload, as does an invalid file: the running
-        configuration stays.
+        or default variant, limits, compression) refuses the whole reload, as does an invalid
+        file: the running configuration stays.
         """
         self.notifier.reloading()
         try:
