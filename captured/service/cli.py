@@ -1,4 +1,4 @@
-"""`captured serve | check | status`: the command line, the only place that reads flags and files."""
+"""`captured serve | check | status | read`: the command line, the only place that reads flags and files."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import msgspec
 
 from captured import __version__
 from captured.errors import ConfigError
+from captured.reader import cli as read_cli
 from captured.service import status
 from captured.service.config import Config, load_config, render_toml
 from captured.service.configfile import Overrides
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--socket", metavar="PATH", help="capture socket path")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon")
+    read_cli.add_parser(sub)
     return parser
 
 
@@ -150,5 +152,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"serve": cmd_serve, "check": cmd_check, "status": cmd_status}[args.command]
+    handler = {"serve": cmd_serve, "check": cmd_check, "status": cmd_status, "read": read_cli.cmd_read}[
+        args.command
+    ]
     return handler(args)
