@@ -155,3 +155,18 @@ def test_paced_bench_runs_and_every_record_arrives(client: str) -> None:
     (result,) = doc["results"]
     assert result["ok"], result
     assert result["rate"] == 200
+
+
+@pytest.mark.timeout(120)
+def test_read_bench_counts_every_record_in_both_systems(tmp_path: Path) -> None:
+    """`bench/read.py -n 2000 --repeat 1 --json` writes 2000 seeded records as capture files, then
+    runs `captured read DIR --stats` and the DuckDB query over them; it must exit 0, both systems
+    must have counted every record, and the data must be gone. No timings are checked."""
+    doc = run_bench("read.py", "-n", str(RECORDS), "--repeat", "1", "--workdir", str(tmp_path))
+    assert doc["data"]["records"] == RECORDS
+    assert set(doc["results"]) == {"captured", "duckdb"}
+    for result in doc["results"].values():
+        assert result["ok"], result
+        assert result["records"] == RECORDS
+    assert set(doc["ratios"]) == {"records_per_s", "cpu_s"}
+    assert list(tmp_path.iterdir()) == []  # it cleans up after itself

@@ -14,6 +14,7 @@ import zstandard
 
 from captured.daemon.encode import CaptureData, EventMetadata, Line
 from captured.daemon.encode import Side as LineSide
+from captured.reader import batch
 from captured.reader.layout import Selection
 from captured.reader.lint import (
     DESCRIPTIONS,
@@ -92,13 +93,20 @@ def zstd(data: bytes) -> bytes:
 
 
 def run(root: Path, sel: Selection) -> Report:
-    """The real read of `root` through `Stats`, as `captured read --stats` does it."""
+    """The real read of `root` through `Stats`, record by record, and the same read a block at a
+    time as `captured read --stats` does it (`batch`), in one process and split over two and
+    three: the reports must be equal."""
     source = open_source(str(root))
     listing = source.listing(sel)
     stats = Stats(sel)
     stats.listing(listing)
     for c in captures(source, listing, sel, stats.on_problem):
         stats.add(c)
+    for workers in (1, 2, 3):  # one process, and the files split over worker processes
+        blocks = Stats(sel)
+        blocks.listing(listing)
+        batch.count(source, listing, blocks, workers=workers)
+        assert blocks.report() == stats.report(), workers
     return stats.report()
 
 

@@ -43,6 +43,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     out.add_argument("--raw", action="store_true", help="print the stored lines unchanged")
     out.add_argument("--stats", action="store_true", help="statistics and the problems found")
     out.add_argument("--validate", action="store_true", help="print the problems; exit 1 when there is any")
+    p.add_argument(
+        "--workers",
+        metavar="N",
+        type=int,
+        help="--stats / --validate of a large local source: worker processes (default: CPUs, at most 4)",
+    )
     p.add_argument("--config", metavar="FILE", help="[s3] endpoint_url and region from this configuration")
     p.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (an S3-compatible server)")
     p.add_argument("--region", metavar="NAME", help="S3 region")
@@ -129,15 +135,13 @@ def _raw(source: Source, listing: Listing, sel: Selection, limit: int | None, pr
 def _stats(
     source: Source, listing: Listing, sel: Selection, args: argparse.Namespace, progress: Progress
 ) -> int:
+    from captured.reader import batch
     from captured.reader.lint import Stats, format_problems, format_report
 
     # A read cut short by --limit never reached the later hours: they are not "empty".
     stats = Stats(sel if args.limit is None else msgspec.structs.replace(sel, start=None, end=None))
     stats.listing(listing)
-    for count, c in enumerate(_counted(captures(source, listing, sel, stats.on_problem), progress), 1):
-        stats.add(c)
-        if args.limit is not None and count >= args.limit:
-            break
+    batch.count(source, listing, stats, args.limit, workers=args.workers)  # a block at a time
     report = stats.report()
     progress.done()
     sys.stdout.write(format_problems(report) if args.validate else format_report(report))

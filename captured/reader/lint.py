@@ -61,7 +61,9 @@ the report counts them: Model Monitor reads only `.jsonl`.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
+from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
 import msgspec
@@ -210,6 +212,34 @@ class SizeHistogram:
         low = bucket_low(size)
         self._buckets[low] = self._buckets.get(low, 0) + 1
 
+    def add_many(self, sizes: Iterable[int]) -> None:
+        """Many sizes: the same as `add` for each, counted in C where it can be (sizes below
+        `EXACT_BELOW` are their own buckets)."""
+        sizes = list(sizes)
+        if not sizes:
+            return
+        low, high = min(sizes), max(sizes)
+        if self.count == 0 or low < self.min:
+            self.min = low
+        self.max = max(self.max, high)
+        self.count += len(sizes)
+        self.total += sum(sizes)
+        exact = high < EXACT_BELOW  # every size is its own bucket
+        buckets = collections.Counter(sizes if exact else map(bucket_low, sizes))
+        for bucket, n in buckets.items():
+            self._buckets[bucket] = self._buckets.get(bucket, 0) + n
+
+    def merge(self, other: SizeHistogram) -> None:
+        if other.count == 0:
+            return
+        if self.count == 0 or other.min < self.min:
+            self.min = other.min
+        self.max = max(self.max, other.max)
+        self.count += other.count
+        self.total += other.total
+        for bucket, n in other._buckets.items():
+            self._buckets[bucket] = self._buckets.get(bucket, 0) + n
+
     def quantile(self, percent: int) -> int:
         """Nearest rank: the upper bound of the bucket holding the ceil(percent% * count)-th
         smallest size, clamped to [min, max]."""
@@ -260,6 +290,30 @@ class _SideStats:
         _bump(self.content_types, ct)
         self.sizes.add(len(side.data))
 
+    def add_counts(
+        self,
+        present: int,
+        binary: int,
+        encodings: Mapping[str, int],
+        content_types: Mapping[str, int] | Mapping[str | None, int],
+        sizes: Iterable[int],
+    ) -> None:
+        """A block's sides at once (`batch`): the same counts as `add` for each of them."""
+        self.records += present
+        self.binary += binary
+        for encoding, n in encodings.items():
+            self.encodings[encoding] = self.encodings.get(encoding, 0) + n
+        for raw, n in content_types.items():
+            ct = NO_CONTENT_TYPE if raw is None else raw
+            if ct not in self.content_types and len(self.content_types) >= MAX_CONTENT_TYPES:
+                ct = OTHER
+            self.content_types[ct] = self.content_types.get(ct, 0) + n
+        self.sizes.add_many(sizes)
+
+    def merge(self, other: _SideStats) -> None:
+        self.add_counts(other.records, other.binary, other.encodings, other.content_types, ())
+        self.sizes.merge(other.sizes)
+
     def report(self) -> SideReport:
         return SideReport(
             records=self.records,
@@ -282,6 +336,13 @@ class _Problems:
         examples = self.examples.setdefault(kind, [])
         if len(examples) < EXAMPLES:
             examples.append((key, detail[:MAX_DETAIL]))
+
+    def merge(self, other: _Problems) -> None:
+        """`other`'s, met after these: counts add up, examples stay the first ones met."""
+        for kind, n in other.counts.items():
+            self.counts[kind] = self.counts.get(kind, 0) + n
+            examples = self.examples.setdefault(kind, [])
+            examples.extend(other.examples.get(kind, [])[: max(0, EXAMPLES - len(examples))])
 
     def report(self, more: dict[str, ProblemCount]) -> dict[str, ProblemCount]:
         """The kinds met (and those of `more`, counted elsewhere), in `PROBLEMS` order."""
@@ -358,6 +419,74 @@ class Stats:
             detail = f"input {c.input.encoding}, output {c.output.encoding}"
             self._problems.add(ENCODING_MISMATCH, _where(c), detail)
 
+    @property
+    def records_counted(self) -> int:
+        return self._records
+
+    def merge(self, other: Stats) -> None:
+        """Add what `other` counted over files that come after this one's in key order (a worker
+        process of `batch.count`): the report is the one a single pass over both would give."""
+        self._records += other._records
+        self._files_with_records += other._files_with_records
+        for when in (other._first, other._last):
+            if when is not None:
+                self._first = when if self._first is None else min(self._first, when)
+                self._last = when if self._last is None else max(self._last, when)
+        for key, var in other._variants.items():
+            mine = self._variants.setdefault(key, _Variant(var.prefix))
+            for hour, n in var.hours.items():
+                mine.hours[hour] = mine.hours.get(hour, 0) + n
+        self._input.merge(other._input)
+        self._output.merge(other._output)
+        self._problems.merge(other._problems)
+
+    # -- the block path (`batch`): the same counts, a block of records at a time --------------
+
+    def add_counts(
+        self,
+        key: str,
+        endpoint: str,
+        variant: str,
+        records: int,
+        hours: dict[dt.datetime, int],
+        first: dt.datetime,
+        last: dt.datetime,
+    ) -> None:
+        """`records` records of file `key`, by hour, the earliest and latest of them."""
+        self._records += records
+        if key != self._last_key:
+            self._last_key = key
+            self._files_with_records += 1
+        if self._first is None or first < self._first:
+            self._first = first
+        if self._last is None or last > self._last:
+            self._last = last
+        var = self._variants.get((endpoint, variant))
+        if var is None:
+            var = self._variants[(endpoint, variant)] = _Variant(key.rsplit("/", 5)[0] + "/")
+        for hour, n in hours.items():
+            var.hours[hour] = var.hours.get(hour, 0) + n
+
+    def side_counts(
+        self,
+        name: str,
+        present: int,
+        binary: int,
+        encodings: Mapping[str, int],
+        content_types: Mapping[str, int] | Mapping[str | None, int],
+        sizes: Iterable[int],
+    ) -> None:
+        """What a block's `name` ("input" or "output") sides add."""
+        side = self._input if name == "input" else self._output
+        side.add_counts(present, binary, encodings, content_types, sizes)
+
+    def check_side(self, name: str, side: Side, where: str) -> None:
+        """A BASE64 side that is text: JSON or CSV stored as BASE64?"""
+        self._check(name, side, where)
+
+    def record_problem(self, kind: str, where: str, detail: str) -> None:
+        self._problems.add(kind, where, detail)
+
     def _count_time(self, c: Capture) -> None:
         when = c.inference_time
         if self._first is None or when < self._first:
@@ -371,6 +500,9 @@ class Stats:
         variant.add(when)
 
     def _check_side(self, name: str, side: Side, c: Capture) -> None:
+        self._check(name, side, _where(c))
+
+    def _check(self, name: str, side: Side, where: str) -> None:
         if side.encoding != BASE64 or side.binary or side.content_type is None:
             return
         mt = media_type(side.content_type)
@@ -380,7 +512,7 @@ class Stats:
             detail = f"{name} {side.content_type!r} holds JSON, encoded BASE64"
         else:
             return
-        self._problems.add(JSON_OR_CSV_AS_BASE64, _where(c), detail)
+        self._problems.add(JSON_OR_CSV_AS_BASE64, where, detail)
 
     def report(self) -> Report:
         """What was met so far (the counts go on if more is added)."""

@@ -92,30 +92,30 @@ def lines(source: Source, files: list[FileRef], on_problem: Problem) -> Iterator
     for ref, chunks in source.contents(files):
         number = 0
         try:
-            data = _decompressed(chunks) if ref.relative.endswith(".zst") else chunks
+            data = decompressed(chunks) if ref.relative.endswith(".zst") else chunks
             for line in _split(data):
                 number += 1
                 yield ref, number, line
-        except (OSError, zstandard.ZstdError, _Truncated) as exc:
+        except (OSError, zstandard.ZstdError, Truncated) as exc:
             on_problem(BAD_OBJECT, ref.key, f"{exc} (after {number} line(s))")
 
 
-class _Truncated(Exception):
+class Truncated(Exception):
     pass
 
 
-def _decompressed(chunks: Iterator[bytes]) -> Iterator[bytes]:
+def decompressed(chunks: Iterator[bytes]) -> Iterator[bytes]:
     """One zstd frame, streamed; a truncated frame or bytes after it raise (zstandard's stream
     readers end silently at a truncated frame, so `eof` is checked here)."""
     obj = zstandard.ZstdDecompressor().decompressobj()
     for chunk in chunks:
         if obj.eof:
-            raise _Truncated("bytes after the end of the zstd frame")
+            raise Truncated("bytes after the end of the zstd frame")
         out = obj.decompress(chunk)
         if out:
             yield out
     if not obj.eof:
-        raise _Truncated("truncated zstd frame")
+        raise Truncated("truncated zstd frame")
 
 
 def _split(chunks: Iterable[bytes]) -> Iterator[bytes]:

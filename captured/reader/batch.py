@@ -1,0 +1,346 @@
+"""`captured read --stats` a block of lines at a time: the statistics without a `Capture` per record.
+
+The per-record path (`Stats.add(capture)`) builds a typed record, decodes its bodies and parses
+its time, about 12 us a record. Statistics need none of that for a healthy file: one
+`decode_lines` call parses a whole block of lines into small structs (C), and the counts are C-level
+passes over columns (`Counter`, comprehensions, one regex over all the block's times). Per record
+what is left is a few list items; BASE64 bodies alone are decoded (to tell binary ones, and JSON or
+CSV stored as BASE64), which healthy JSON and CSV captures do not have.
+
+A block the fast path cannot take exactly (a line that is not a record, a time that is not
+SageMaker's canonical `yyyy-mm-ddThh:mm:ssZ`) goes through the per-record path instead, so both
+give the same report (tests/test_read_lint.py compares them).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import concurrent.futures
+import datetime as dt
+import math
+import multiprocessing
+import operator
+import os
+import re
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import msgspec
+import zstandard
+
+from captured.reader.layout import Selection
+from captured.reader.lint import Stats
+from captured.reader.records import BASE64, LineError, Side, parse_line
+from captured.reader.sources import FileRef, Listing, LocalSource, Source
+from captured.reader.stream import BAD_LINE, BAD_OBJECT, Truncated, decompressed
+
+#: About this many bytes of lines per block.
+BLOCK_BYTES = 4 << 20
+
+_TIMES = re.compile(r"(?:\d{4}-\d\d-\d\dT\d\d:[0-5]\d:[0-5]\dZ\n)*", re.ASCII)
+
+
+class _Side(msgspec.Struct, gc=False):
+    observedContentType: str | None = None
+    encoding: str = ""
+    data: str = ""
+
+
+class _Data(msgspec.Struct, gc=False):
+    endpointInput: _Side | None = None
+    endpointOutput: _Side | None = None
+
+
+class _Meta(msgspec.Struct, gc=False):
+    inferenceTime: str = ""
+    inferenceId: str | None = None
+    eventId: str = ""
+
+
+class _Line(msgspec.Struct, gc=False):
+    captureData: _Data
+    eventMetadata: _Meta
+
+
+_decoder = msgspec.json.Decoder(_Line)
+
+
+def blocks(source: Source, files: list[FileRef]) -> Iterator[tuple[FileRef, bytes | BaseException]]:
+    """Each file's whole lines (ending in newlines) a block at a time, in order, then, if it failed
+    part-way (a torn zstd frame, a read error), the failure: its whole lines before the failure
+    come first, as in the per-record path."""
+    for ref, chunks in source.contents(files):
+        pending: list[bytes] = []
+        size = 0
+        failure: BaseException | None = None
+        try:
+            for chunk in decompressed(chunks) if ref.relative.endswith(".zst") else chunks:
+                pending.append(chunk)
+                size += len(chunk)
+                if size >= BLOCK_BYTES:
+                    whole = b"".join(pending)
+                    cut = whole.rfind(b"\n") + 1
+                    if cut:
+                        yield ref, whole[:cut]
+                        pending, size = [whole[cut:]], len(whole) - cut
+        except (OSError, zstandard.ZstdError, Truncated) as exc:
+            failure = exc
+        rest = b"".join(pending)
+        if failure is not None:
+            rest = rest[: rest.rfind(b"\n") + 1]  # a torn last line is not a line
+        if rest:
+            yield ref, rest if rest.endswith(b"\n") else rest + b"\n"
+        if failure is not None:
+            yield ref, failure
+
+
+def add_block(
+    stats: Stats, ref: FileRef, first: int, block: bytes, limit: int | None = None
+) -> tuple[int, int]:
+    """Count the selected records of `block` (its first line is line `first` of the file) into
+    `stats`, at most `limit`; (how many were counted, how many lines the block holds).
+
+    Everything is computed before `stats` is touched, so a block the fast path gives up on
+    half-way goes whole through the per-record path.
+    """
+    try:
+        counted = _count(stats.selection, ref, first, block, limit)
+    except (msgspec.DecodeError, ValueError, binascii.Error):
+        counted = None
+    if counted is None:
+        return _slowly(stats, ref, first, block, limit), block.count(b"\n")
+    n, lines, hours, low, high, sides, problems = counted
+    if n:
+        stats.add_counts(ref.key, ref.place.endpoint, ref.place.variant, n, hours, low, high)
+        for name, side in sides:
+            stats.side_counts(name, side.present, side.binary, side.encodings, side.types, side.sizes)
+        # In record order, input before output, as the per-record path meets them (examples).
+        checks = sorted((i, k, name) for k, (name, side) in enumerate(sides) for i in side.checks)
+        for i, k, name in checks:
+            stats.check_side(name, sides[k][1].checks[i], f"{ref.key}:{problems.number(i)}")
+        for kind, i, detail in problems.found:
+            stats.record_problem(kind, f"{ref.key}:{problems.number(i)}", detail)
+    return n, lines
+
+
+class _Found(NamedTuple):
+    """Record problems of a block: (kind, index in the block, detail), and the line numbers."""
+
+    found: list[tuple[str, int, str]]
+    numbers: list[int] | None  # the line numbers of the kept records; None: first + index
+    first: int
+
+    def number(self, i: int) -> int:
+        return self.numbers[i] if self.numbers is not None else self.first + i
+
+
+class _Counted(NamedTuple):
+    present: int
+    binary: int
+    encodings: collections.Counter[str]
+    types: collections.Counter[str | None]
+    sizes: list[int]
+    checks: dict[int, Side]  # BASE64 text sides by index in the block, for `Stats.check_side`
+
+
+#: (records counted, lines in the block, records per hour, earliest, latest, sides, problems)
+_Sides = list[tuple[str, _Counted]]
+_Result = tuple[int, int, dict[dt.datetime, int], dt.datetime, dt.datetime, _Sides, _Found]
+
+
+def _count(sel: Selection, ref: FileRef, first: int, block: bytes, limit: int | None) -> _Result | None:
+    """What the block adds, or None when only the per-record path can tell it exactly. The work is
+    C-level passes over columns (`map` with attribute getters, `Counter`, list comparisons)."""
+    if block.startswith(b"\n") or b"\n\n" in block:
+        return None  # an empty line: the per-record path reports it where it is
+    lines = _decoder.decode_lines(block)
+    in_block = len(lines)
+    times = list(map(_TIME, lines))
+    if times and _TIMES.fullmatch("\n".join(times) + "\n") is None:
+        return None
+    keep = _selected(sel, lines, times)
+    if keep is not None:
+        lines = [lines[i] for i in keep]
+        times = [times[i] for i in keep]
+    if limit is not None and len(lines) > limit:
+        lines, times = lines[:limit], times[:limit]
+    found = _Found([], [first + i for i in keep] if keep is not None else None, first)
+    if not lines:
+        return 0, in_block, {}, _EPOCH, _EPOCH, [], found
+    low, high = min(times), max(times)
+    per_hour = {low[:13]: len(times)} if low[:13] == high[:13] else collections.Counter(map(_HOUR, times))
+    hours = {dt.datetime.strptime(h, "%Y-%m-%dT%H").replace(tzinfo=dt.UTC): n for h, n in per_hour.items()}
+    inputs = list(map(_INPUT, lines))
+    outputs = list(map(_OUTPUT, lines))
+    sides = [(name, _side_counts(column)) for name, column in (("input", inputs), ("output", outputs))]
+    if None in inputs or None in outputs:
+        pairs: list[int] = list(range(len(lines)))
+    else:  # every record has both sides: only the ones whose encodings differ
+        left, right = list(map(_ENCODING, inputs)), list(map(_ENCODING, outputs))
+        pairs = [] if left == right else [i for i, a in enumerate(left) if a != right[i]]
+    for i in pairs:
+        a, b = inputs[i], outputs[i]
+        if a is None and b is None:
+            found.found.append(("no_side", i, ""))
+        elif a is not None and b is not None and a.encoding != b.encoding:
+            found.found.append(("encoding_mismatch", i, f"input {a.encoding}, output {b.encoding}"))
+    return len(lines), in_block, hours, _at(low), _at(high), sides, found
+
+
+def _side_counts(column: list[_Side | None]) -> _Counted:
+    present: list[_Side] = list(filter(None, column))
+    encodings = collections.Counter(map(_ENCODING, present))
+    if not encodings.keys() <= {"CSV", "JSON", BASE64}:
+        raise ValueError("an unknown encoding")  # the per-record path reports the line
+    text_sides = present if BASE64 not in encodings else [s for s in present if s.encoding != BASE64]
+    texts = list(map(_DATA, text_sides))
+    if all(map(str.isascii, texts)):
+        sizes = list(map(len, texts))
+    else:
+        sizes = [len(d.encode("utf-8", "surrogatepass")) for d in texts]
+    binary = 0
+    checks: dict[int, Side] = {}
+    for i, s in enumerate(column) if BASE64 in encodings else ():
+        if s is None or s.encoding != BASE64:
+            continue
+        data = base64.b64decode(s.data, validate=True)
+        sizes.append(len(data))
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            binary += 1
+            continue
+        checks[i] = Side(s.observedContentType, BASE64, data, False)
+    types = collections.Counter(map(_CONTENT_TYPE, present))
+    return _Counted(len(present), binary, encodings, types, sizes, checks)
+
+
+_TIME = operator.attrgetter("eventMetadata.inferenceTime")
+_INPUT = operator.attrgetter("captureData.endpointInput")
+_OUTPUT = operator.attrgetter("captureData.endpointOutput")
+_ENCODING = operator.attrgetter("encoding")
+_DATA = operator.attrgetter("data")
+_CONTENT_TYPE = operator.attrgetter("observedContentType")
+_HOUR = operator.itemgetter(slice(0, 13))
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+#: A local read of at least this many bytes is split over worker processes (`count`).
+PARALLEL_BYTES = 64 << 20
+#: At most this many worker processes.
+MAX_WORKERS = 4
+
+
+def count(
+    source: Source, listing: Listing, stats: Stats, limit: int | None = None, *, workers: int | None = None
+) -> int:
+    """Every selected record of `listing`'s files into `stats`, a block at a time; how many.
+
+    A large local read (no `limit`) is split in key order over `workers` processes (default: the
+    CPUs, at most `MAX_WORKERS`), each counting a contiguous run of files of about equal size;
+    their counts are merged in order, so the report is the one a single pass gives.
+    """
+    files = listing.files
+    if workers is None:
+        workers = min(os.cpu_count() or 1, MAX_WORKERS)
+        if sum(f.size for f in files) < PARALLEL_BYTES:
+            workers = 1
+    workers = min(workers, len(files))
+    if workers > 1 and limit is None and isinstance(source, LocalSource):
+        return _in_parallel(source, files, stats, workers)
+    return _count_files(source, files, stats, limit)
+
+
+def _in_parallel(source: LocalSource, files: list[FileRef], stats: Stats, workers: int) -> int:
+    groups = _split(files, workers)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)  # fork: a local read holds no threads here
+    with concurrent.futures.ProcessPoolExecutor(len(groups), mp_context=context) as pool:
+        results = list(pool.map(_worker, [(source.root, group, stats.selection) for group in groups]))
+    for part in results:
+        stats.merge(part)
+    return sum(part.records_counted for part in results)
+
+
+def _split(files: list[FileRef], parts: int) -> list[list[FileRef]]:
+    """Contiguous runs of about equal bytes, in order."""
+    total = sum(f.size for f in files) or 1
+    groups: list[list[FileRef]] = [[]]
+    done = 0
+    for f in files:
+        if groups[-1] and done >= total * len(groups) / parts and len(groups) < parts:
+            groups.append([])
+        groups[-1].append(f)
+        done += f.size
+    return groups
+
+
+def _worker(job: tuple[str, list[FileRef], Selection]) -> Stats:
+    root, files, selection = job
+    stats = Stats(selection)
+    _count_files(LocalSource(root), files, stats, None)
+    return stats
+
+
+def _count_files(source: Source, files: list[FileRef], stats: Stats, limit: int | None) -> int:
+    taken = 0
+    last: FileRef | None = None
+    first = 1
+    for ref, block in blocks(source, files):
+        if ref is not last:
+            last, first = ref, 1
+        if isinstance(block, BaseException):
+            stats.on_problem(BAD_OBJECT, ref.key, f"{block} (after {first - 1} line(s))")
+            continue
+        n, lines = add_block(stats, ref, first, block, None if limit is None else limit - taken)
+        taken += n
+        first += lines
+        if limit is not None and taken >= limit:
+            break
+    return taken
+
+
+def _selected(sel: Selection, lines: list[_Line], times: list[str]) -> list[int] | None:
+    """Indexes of the records the selection takes by time and inference id; None: all."""
+    if sel.start is None and sel.end is None and sel.inference_ids is None:
+        return None
+    low = _canonical_ceil(sel.start) if sel.start is not None else ""
+    high = _canonical_ceil(sel.end) if sel.end is not None else "~"
+    ids = sel.inference_ids
+    return [
+        i
+        for i, t in enumerate(times)
+        if low <= t < high and (ids is None or lines[i].eventMetadata.inferenceId in ids)
+    ]
+
+
+def _canonical_ceil(when: dt.datetime) -> str:
+    """The canonical text of `when` rounded up to a whole second: for whole-second record times t,
+    t >= when exactly when text(t) >= this, and t < when exactly when text(t) < this."""
+    seconds = math.ceil(when.timestamp())
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _at(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+
+
+def _slowly(stats: Stats, ref: FileRef, first: int, block: bytes, limit: int | None) -> int:
+    """The per-record path for a block the fast one cannot take exactly."""
+    taken = 0
+    for offset, line in enumerate(block.split(b"\n")[:-1]):
+        number = first + offset
+        try:
+            c = parse_line(line, ref.place.endpoint, ref.place.variant, ref.key, number)
+        except LineError as exc:
+            stats.on_problem(BAD_LINE, f"{ref.key}:{number}", str(exc))
+            continue
+        if not stats.selection.wants_record(c.inference_time, c.inference_id):
+            continue
+        if limit is not None and taken >= limit:
+            break
+        stats.add(c)
+        taken += 1
+    return taken
