@@ -1,10 +1,17 @@
 """Who may talk to the daemon, and how many: socket mode and group, peer allow-lists (SO_PEERCRED),
-the connection cap, and clients that stall or trickle in the middle of a frame."""
+the connection cap, and clients that stall or trickle in the middle of a frame.
+
+The daemon runs in the test's own event loop (`captured.testing.inprocess`); blocking socket code
+and forked clients run in threads meanwhile. A subprocess daemon is kept for its exit code and for
+what is measured of its process (peak RSS, its open-files limit).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import grp
+import logging
 import os
 import pwd
 import socket
@@ -16,8 +23,12 @@ from typing import Any
 import pytest
 
 from captured import CaptureClient
+from captured.client.aio import AsyncCaptureClient
 from captured.daemon.peers import peer_groups
-from captured.testing.daemon import DaemonProcess, read_error, wait_for
+from captured.service.cli import query_status
+from captured.service.config import Config
+from captured.testing.daemon import DaemonProcess, read_error
+from captured.testing.inprocess import FakeClock, eventually, run_daemon, status_doc, write_config
 from captured.wire import frames
 
 
@@ -28,21 +39,50 @@ def capture_ok(d: DaemonProcess, n: int = 20) -> bool:
         return client.flush(timeout=10)
 
 
-def closed(d: DaemonProcess) -> dict[str, int]:
-    return dict(d.status()["ingest"]["connections_closed"])
+async def send_ok(socket_path: str, n: int = 20) -> bool:
+    """`capture_ok` against a daemon in this event loop."""
+    async with AsyncCaptureClient(socket_path) as client:
+        for i in range(n):
+            client.capture(f"{i},1\n", "0", request_content_type="text/csv")
+        return await client.flush(timeout=10)
 
 
-def test_socket_file_gets_the_configured_mode_and_group(daemon_factory: Any) -> None:
-    default = daemon_factory(name="a").start()
-    assert stat.S_IMODE(os.stat(default.socket_path).st_mode) == 0o660
+def closed(status: dict[str, Any]) -> dict[str, int]:
+    return dict(status["ingest"]["connections_closed"])
+
+
+async def status_over_socket(cfg: Config) -> dict[str, Any]:
+    """A STATUS query over the socket, as `captured status` asks (in a thread: the daemon answers
+    on this loop). Unlike `status_doc`, it is a client: counted, and subject to the allow-lists."""
+    return await asyncio.to_thread(query_status, cfg.socket_path)
+
+
+def config_in(short_tmp: Path, name: str, extra_toml: str = "") -> Config:
+    """`write_config` under `short_tmp / name` (as `daemon_factory(name=...)` lays a daemon out)."""
+    (short_tmp / name).mkdir(exist_ok=True)
+    return write_config(short_tmp / name, extra_toml)
+
+
+def daemon_log(caplog: pytest.LogCaptureFixture) -> str:
+    """What the in-process daemon logged (not a client in this process)."""
+    return "".join(f"{r.getMessage()}\n" for r in caplog.records if not r.name.startswith("captured.client"))
+
+
+def test_socket_file_gets_the_configured_mode_and_group(short_tmp: Path) -> None:
+    default = config_in(short_tmp, "a")
     group = grp.getgrgid(os.getgid()).gr_name
-    d = daemon_factory(
-        name="b", extra_toml=f'[ingest]\nsocket_mode = 0o600\nsocket_group = "{group}"\n'
-    ).start()
-    st = os.stat(d.socket_path)
-    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_gid == os.getgid()
-    assert capture_ok(d)
-    assert not [p for p in os.listdir(os.path.dirname(d.socket_path)) if p.startswith(".captured-")]
+    cfg = config_in(short_tmp, "b", f'[ingest]\nsocket_mode = 0o600\nsocket_group = "{group}"\n')
+
+    async def main() -> None:
+        async with run_daemon(default, clock=FakeClock()):
+            assert stat.S_IMODE(os.stat(default.socket_path).st_mode) == 0o660
+        async with run_daemon(cfg, clock=FakeClock()):
+            st = os.stat(cfg.socket_path)
+            assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_gid == os.getgid()
+            assert await send_ok(cfg.socket_path)
+            assert not [p for p in os.listdir(os.path.dirname(cfg.socket_path)) if p.startswith(".captured-")]
+
+    asyncio.run(main())
 
 
 def test_an_unknown_socket_group_is_a_clear_start_error(daemon_factory: Any) -> None:
@@ -97,35 +137,44 @@ def probe_as(uid: int, gid: int, path: str, groups: tuple[int, ...] = ()) -> str
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another user")
-def test_peers_outside_the_allow_lists_are_refused_and_counted(daemon_factory: Any) -> None:
+def test_peers_outside_the_allow_lists_are_refused_and_counted(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """allowed_uids names someone else: a client running as `nobody` (the socket is 0666 here, so
     only the allow-list stands in its way) is refused with an ERROR frame before anything it sends
     is read, and counted as peer_refused; root and the daemon's own user always pass; listing the
     client's uid or one of its groups lets it in."""
     nobody = pwd.getpwnam("nobody")
     open_socket = "[ingest]\nsocket_mode = 0o666\n"
+    others = config_in(short_tmp, "a", open_socket + "allowed_uids = [4242]\n")
+    by_uid = config_in(short_tmp, "b", open_socket + f"allowed_uids = [{nobody.pw_uid}]\n")
+    by_gid = config_in(short_tmp, "c", open_socket + f"allowed_gids = [{nobody.pw_gid}]\n")
 
-    def probe(d: DaemonProcess) -> str:
-        for directory in (d.root, d.root.parent):
+    async def probe(cfg: Config) -> str:
+        root = Path(cfg.socket_path).parent
+        for directory in (root, root.parent):
             os.chmod(directory, 0o755)
-        return probe_as(nobody.pw_uid, nobody.pw_gid, d.socket_path)
+        # The probe forks and waits for its child, which needs the daemon: in a thread.
+        return await asyncio.to_thread(probe_as, nobody.pw_uid, nobody.pw_gid, cfg.socket_path)
 
-    others = daemon_factory(name="a", extra_toml=open_socket + "allowed_uids = [4242]\n").start()
-    assert "is not allowed to send captures" in probe(others)
-    assert closed(others) == {"peer_refused": 1}
-    assert others.status()["counters"]["received"] == 0  # and root's own status query passed
-    assert "peer_refused" in others.log()
+    async def main() -> None:
+        async with run_daemon(others, clock=FakeClock()):
+            assert "is not allowed to send captures" in await probe(others)
+            st = await status_over_socket(others)  # root's own status query passes
+            assert closed(st) == {"peer_refused": 1}
+            assert st["counters"]["received"] == 0
+        assert "peer_refused" in daemon_log(caplog)
+        async with run_daemon(by_uid, clock=FakeClock()):
+            assert await probe(by_uid) == "ACK" and closed(await status_over_socket(by_uid)) == {}
+        async with run_daemon(by_gid, clock=FakeClock()):
+            assert await probe(by_gid) == "ACK" and closed(await status_over_socket(by_gid)) == {}
 
-    by_uid = daemon_factory(name="b", extra_toml=open_socket + f"allowed_uids = [{nobody.pw_uid}]\n").start()
-    assert probe(by_uid) == "ACK" and closed(by_uid) == {}
-    by_gid = daemon_factory(name="c", extra_toml=open_socket + f"allowed_gids = [{nobody.pw_gid}]\n").start()
-    assert probe(by_gid) == "ACK" and closed(by_gid) == {}
+    with caplog.at_level(logging.INFO, logger="captured"):
+        asyncio.run(main())  # run_daemon checks that each daemon exited 0
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another user")
-def test_a_supplementary_group_admits_a_peer_without_reading_proc(
-    daemon_factory: Any, short_tmp: Path
-) -> None:
+def test_a_supplementary_group_admits_a_peer_without_reading_proc(short_tmp: Path) -> None:
     """A peer whose only listed group is a supplementary one is let in. Its groups come from
     SO_PEERGROUPS (the kernel's record at connect), not /proc, which the shipped unit's
     `ProtectProc=invisible` hides from the daemon: `peer_groups` alone sees the group."""
@@ -156,25 +205,29 @@ def test_a_supplementary_group_admits_a_peer_without_reading_proc(
         conn.close()
         listener.close()
         os.waitpid(pid, 0)
-    d = daemon_factory(extra_toml=f"[ingest]\nsocket_mode = 0o666\nallowed_gids = [{extra}]\n").start()
-    for directory in (d.root, d.root.parent):
+    cfg = config_in(short_tmp, "d", f"[ingest]\nsocket_mode = 0o666\nallowed_gids = [{extra}]\n")
+    for directory in (short_tmp / "d", short_tmp):
         os.chmod(directory, 0o755)
-    assert probe_as(nobody.pw_uid, nobody.pw_gid, d.socket_path, groups=(extra,)) == "ACK"
-    assert "is not allowed" in probe_as(nobody.pw_uid, nobody.pw_gid, d.socket_path)
-    assert closed(d) == {"peer_refused": 1}
+
+    async def main() -> None:
+        async with run_daemon(cfg, clock=FakeClock()):
+            # The probes fork and wait for their child, which needs the daemon: in threads.
+            got = await asyncio.to_thread(probe_as, nobody.pw_uid, nobody.pw_gid, cfg.socket_path, (extra,))
+            assert got == "ACK"
+            assert "is not allowed" in await asyncio.to_thread(
+                probe_as, nobody.pw_uid, nobody.pw_gid, cfg.socket_path
+            )
+            assert closed(await status_over_socket(cfg)) == {"peer_refused": 1}
+
+    asyncio.run(main())
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another user")
-def test_a_refused_client_accounts_for_every_record(daemon_factory: Any) -> None:
-    """A CaptureClient running as `nobody`, whom the allow-list refuses: its flush() is False and
-    its counters still add up: the records it wrote are held (buffered), not shown as sent and
-    gone. The daemon counts the refusals and no record."""
+def refused_client(socket_path: str) -> dict[str, Any]:
+    """A model server process running as nobody (forked) captures 20 records and flushes with a
+    1 s timeout; its flush() result and stats()."""
     import json
 
     nobody = pwd.getpwnam("nobody")
-    d = daemon_factory(extra_toml="[ingest]\nsocket_mode = 0o666\nallowed_uids = [4242]\n").start()
-    for directory in (d.root, d.root.parent):
-        os.chmod(directory, 0o755)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: a model server process running as nobody
@@ -184,7 +237,7 @@ def test_a_refused_client_accounts_for_every_record(daemon_factory: Any) -> None
             os.setgroups([])
             os.setgid(nobody.pw_gid)
             os.setuid(nobody.pw_uid)
-            client = CaptureClient(d.socket_path, reconnect_max_s=0.1)
+            client = CaptureClient(socket_path, reconnect_max_s=0.1)
             for i in range(20):
                 client.capture(f"{i},1\n", "0", request_content_type="text/csv")
             flushed = client.flush(timeout=1.0)
@@ -195,73 +248,105 @@ def test_a_refused_client_accounts_for_every_record(daemon_factory: Any) -> None
             os._exit(code)
     os.close(w)
     with os.fdopen(r, "rb") as fh:
-        got = json.loads(fh.read() or b"{}")
+        got: dict[str, Any] = json.loads(fh.read() or b"{}")
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0 and got, "the client process failed"
-    assert got["flushed"] is False
-    assert got["captured"] == 20 and got["acknowledged"] == 0 and got["dropped"] == {}
-    assert got["buffered"] == 20  # held for a daemon that lets it in: nothing unaccounted
-    assert closed(d).get("peer_refused", 0) >= 1
-    assert d.status()["counters"]["received"] == 0
+    return got
 
 
-def test_connections_past_the_cap_are_refused_and_the_others_served(daemon_factory: Any) -> None:
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another user")
+def test_a_refused_client_accounts_for_every_record(short_tmp: Path) -> None:
+    """A CaptureClient running as `nobody`, whom the allow-list refuses: its flush() is False and
+    its counters still add up: the records it wrote are held (buffered), not shown as sent and
+    gone. The daemon counts the refusals and no record."""
+    cfg = config_in(short_tmp, "d", "[ingest]\nsocket_mode = 0o666\nallowed_uids = [4242]\n")
+    for directory in (short_tmp / "d", short_tmp):
+        os.chmod(directory, 0o755)
+
+    async def main() -> None:
+        async with run_daemon(cfg, clock=FakeClock()) as daemon:
+            # The client process is forked and waited for in a thread: the daemon runs meanwhile.
+            got = await asyncio.to_thread(refused_client, cfg.socket_path)
+            assert got["flushed"] is False
+            assert got["captured"] == 20 and got["acknowledged"] == 0 and got["dropped"] == {}
+            assert got["buffered"] == 20  # held for a daemon that lets it in: nothing unaccounted
+            assert closed(status_doc(daemon)).get("peer_refused", 0) >= 1
+            assert status_doc(daemon)["counters"]["received"] == 0
+
+    asyncio.run(main())
+
+
+def test_connections_past_the_cap_are_refused_and_the_others_served(short_tmp: Path) -> None:
     """max_connections = 4 and four idle clients: a fifth connection (a capture client or
     `captured status` alike) is refused with an ERROR frame and counted; once the idle ones go,
     clients are served again."""
-    d = daemon_factory(extra_toml="[ingest]\nmax_connections = 4\n").start()
-    wait_for(lambda: d.status()["ingest"]["connections"] == 1)  # (this status query)
-    idle = []
-    try:
-        for _ in range(4):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(d.socket_path)
-            idle.append(s)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as extra:
-            extra.connect(d.socket_path)
-            assert "at most 4 clients" in read_error(extra)
-    finally:
-        for s in idle:
-            s.close()
-    # The daemon may accept the next connection before it has seen the four close: then that
-    # one is refused too (counted), and the status query is tried again.
-    refused_again = 0
-    while True:
-        try:
-            if d.status()["ingest"]["connections"] == 1:
-                break
-        except ConnectionError as exc:
-            assert "at most 4 clients" in str(exc)
-            refused_again += 1
-        assert refused_again < 100
-        time.sleep(0.02)
-    assert closed(d) == {"too_many_connections": 1 + refused_again}
-    assert capture_ok(d)
+    cfg = write_config(short_tmp, "[ingest]\nmax_connections = 4\n")
+
+    def connect() -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(cfg.socket_path)
+        return s
+
+    def status_refused(path: str) -> str:
+        """The ERROR answering a STATUS request, as `captured status` sends it."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(path)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused before it arrived
+                s.sendall(frames.encode_frame(frames.Kind.STATUS, ()))
+            return read_error(s)
+
+    async def main() -> None:
+        async with run_daemon(cfg, clock=FakeClock()) as daemon:
+            assert (await status_over_socket(cfg))["ingest"]["connections"] == 1  # (this status query)
+            await eventually(lambda: status_doc(daemon)["ingest"]["connections"] == 0)
+            idle = []
+            try:
+                for _ in range(4):
+                    idle.append(await asyncio.to_thread(connect))
+                with await asyncio.to_thread(connect) as extra:
+                    assert "at most 4 clients" in await asyncio.to_thread(read_error, extra)
+                assert "at most 4 clients" in await asyncio.to_thread(status_refused, cfg.socket_path)
+            finally:
+                for s in idle:
+                    s.close()
+            # Once the daemon has seen the four close, a status query is served (and counted).
+            await eventually(lambda: status_doc(daemon)["ingest"]["connections"] == 0)
+            st = await status_over_socket(cfg)
+            assert st["ingest"]["connections"] == 1
+            assert closed(st) == {"too_many_connections": 2}  # the fifth client and the status query
+            assert await send_ok(cfg.socket_path)
+
+    asyncio.run(main())
 
 
-def test_a_client_trickling_a_frame_is_closed_while_others_are_served(daemon_factory: Any) -> None:
+def test_a_client_trickling_a_frame_is_closed_while_others_are_served(short_tmp: Path) -> None:
     """One byte every 0.1 s of a 1000-byte frame: it has not arrived whole after frame_timeout_s
     (1 s), so the connection is closed as stalled_frame; a well-behaved client meanwhile captures
     as usual."""
-    d = daemon_factory(extra_toml="[ingest]\nframe_timeout_s = 1\n").start()
+    cfg = write_config(short_tmp, "[ingest]\nframe_timeout_s = 1\n")
     frame = frames.frame(frames.Kind.BATCH, b"\x91" + b"\xc0" * 999)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as slow:
-        slow.connect(d.socket_path)
-        t0 = time.monotonic()
-        for i in range(len(frame)):
-            try:
-                slow.sendall(frame[i : i + 1])
-            except OSError:
-                break  # cut off
-            if i == 3:
-                assert capture_ok(d)
-            if time.monotonic() - t0 > 10 or closed(d).get("stalled_frame"):
-                break
-            time.sleep(0.1)
-        assert time.monotonic() - t0 < 10
-    wait_for(lambda: closed(d).get("stalled_frame") == 1)
-    assert d.status()["counters"]["received"] == 20  # the trickled frame never counted
-    assert capture_ok(d)
+
+    async def main() -> None:
+        async with run_daemon(cfg, clock=FakeClock()) as daemon:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as slow:
+                slow.connect(cfg.socket_path)
+                t0 = time.monotonic()
+                for i in range(len(frame)):
+                    try:
+                        slow.sendall(frame[i : i + 1])  # one byte: never blocks the loop
+                    except OSError:
+                        break  # cut off
+                    if i == 3:
+                        assert await send_ok(cfg.socket_path)
+                    if time.monotonic() - t0 > 10 or closed(status_doc(daemon)).get("stalled_frame"):
+                        break
+                    await asyncio.sleep(0.1)
+                assert time.monotonic() - t0 < 10
+            await eventually(lambda: closed(status_doc(daemon)).get("stalled_frame") == 1)
+            assert status_doc(daemon)["counters"]["received"] == 20  # the trickled frame never counted
+            assert await send_ok(cfg.socket_path)
+
+    asyncio.run(main())
 
 
 def test_thousands_of_idle_connections_cannot_lock_out_an_active_client(daemon_factory: Any) -> None:

@@ -4,10 +4,15 @@ Each test tries the guarantee at its weakest moment: a daemon stopped (SIGTERM) 
 (SIGKILL) while a client streams, a record written into the socket of a frozen daemon that is
 then killed, a frame resent after the daemon had written it, data in the spool whose journal
 entry never made it. The counters are checked on both sides.
+
+Those tests need a daemon process to stop, kill, freeze and start again. What needs no process
+boundary (acknowledging by time, protocol 1) runs the daemon in the test's own event loop
+(`captured.testing.inprocess`), with blocking client code in threads.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -25,6 +30,14 @@ import pytest
 from captured import CaptureClient
 from captured.client.record import prepare_record
 from captured.testing.daemon import DaemonProcess, wait_for
+from captured.testing.inprocess import (
+    FakeClock,
+    delivered_files,
+    eventually,
+    run_daemon,
+    status_doc,
+    write_config,
+)
 from captured.wire import frames
 
 
@@ -38,10 +51,11 @@ def csv_pair(i: int) -> dict[str, Any]:
     )
 
 
-def delivered_ids(d: DaemonProcess) -> list[int]:
-    """Every delivered record's inference id; asserts that every line is whole."""
+def delivered_ids(d: DaemonProcess | Path) -> list[int]:
+    """Every delivered record's inference id (of a subprocess daemon, or of an in-process one on
+    `write_config(root)`); asserts that every line is whole."""
     ids = []
-    for path in d.delivered_files():
+    for path in d.delivered_files() if isinstance(d, DaemonProcess) else delivered_files(d):
         for raw in path.read_bytes().splitlines(keepends=True):
             assert raw.endswith(b"\n"), f"a torn line in {path}"
             ids.append(int(json.loads(raw)["eventMetadata"]["inferenceId"]))
@@ -139,15 +153,23 @@ def test_a_record_written_into_a_frozen_daemon_that_is_killed_is_delivered(daemo
     assert sorted(delivered_ids(daemon)) == [0, 1, 2]
 
 
-def test_records_are_acknowledged_by_time_without_flush(daemon: DaemonProcess) -> None:
+def test_records_are_acknowledged_by_time_without_flush(short_tmp: Path) -> None:
     """A client that never calls flush() still gets its records acknowledged (the daemon does so
     within `frames.ACK_INTERVAL_S` of taking them), so its buffer does not fill with held records."""
-    client = CaptureClient(daemon.socket_path)
-    for i in range(100):
-        assert client.capture(**csv_pair(i))
-    wait_for(lambda: client.stats()["acknowledged"] == 100, timeout=10)
-    assert client.stats()["buffered"] == 0
-    client.close()
+    cfg = write_config(short_tmp)
+
+    async def main() -> None:
+        async with run_daemon(cfg, clock=FakeClock()):
+            client = CaptureClient(cfg.socket_path)
+            try:
+                for i in range(100):
+                    assert client.capture(**csv_pair(i))
+                await eventually(lambda: client.stats()["acknowledged"] == 100, timeout=10)
+                assert client.stats()["buffered"] == 0
+            finally:
+                await asyncio.to_thread(client.close)  # (it flushes: not on the daemon's loop)
+
+    asyncio.run(main())
 
 
 # ---- the wire, by hand ---------------------------------------------------------------------------
@@ -240,23 +262,37 @@ def test_data_whose_journal_entry_never_made_it_is_cut_at_start(daemon: DaemonPr
     assert "its end was torn or uncommitted" in daemon.log()
 
 
-def test_a_protocol_1_client_is_served_as_before(daemon: DaemonProcess) -> None:
+def test_a_protocol_1_client_is_served_as_before(short_tmp: Path) -> None:
     """Raw version 1 frames (no HELLO, no numbers): taken, answered with a version 1 ACK
     `[seq, records on this connection]` only in reply to FLUSH, and counted as received."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(daemon.socket_path)
-        s.sendall(
-            frames.frame(frames.Kind.BATCH, _records(0, 7)) + frames.frame(frames.Kind.BATCH, _records(7, 3))
-        )
-        s.sendall(frames.encode_frame(frames.Kind.FLUSH, (42,)))
-        head = s.recv(frames.HEADER_SIZE, socket.MSG_WAITALL)
-        _, version, kind, length = frames.HEADER.unpack(head)
-        assert (version, kind) == (1, frames.Kind.ACK)
-        assert frames.ack_decoder.decode(s.recv(length, socket.MSG_WAITALL)) == frames.Ack(42, 10)
-    assert daemon.status()["counters"] == {"received": 10, "written": 10, "dropped": {}, "resent": 0}
-    daemon.stop()
-    assert sorted(delivered_ids(daemon)) == list(range(10))
+    cfg = write_config(short_tmp)
+
+    def speak_v1(path: str) -> None:  # blocking socket code: in a thread, the daemon runs on the loop
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(path)
+            s.sendall(
+                frames.frame(frames.Kind.BATCH, _records(0, 7))
+                + frames.frame(frames.Kind.BATCH, _records(7, 3))
+            )
+            s.sendall(frames.encode_frame(frames.Kind.FLUSH, (42,)))
+            head = s.recv(frames.HEADER_SIZE, socket.MSG_WAITALL)
+            _, version, kind, length = frames.HEADER.unpack(head)
+            assert (version, kind) == (1, frames.Kind.ACK)
+            assert frames.ack_decoder.decode(s.recv(length, socket.MSG_WAITALL)) == frames.Ack(42, 10)
+
+    async def main() -> None:
+        async with run_daemon(cfg, clock=FakeClock()) as daemon:
+            await asyncio.to_thread(speak_v1, cfg.socket_path)
+            assert status_doc(daemon)["counters"] == {
+                "received": 10,
+                "written": 10,
+                "dropped": {},
+                "resent": 0,
+            }
+
+    asyncio.run(main())  # stopping seals and delivers; run_daemon checked that it exited 0
+    assert sorted(delivered_ids(short_tmp)) == list(range(10))
 
 
 class OldDaemon:
