@@ -25,7 +25,7 @@ import operator
 import os
 import re
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import msgspec
 import zstandard
@@ -139,8 +139,8 @@ class _Found(NamedTuple):
 class _Counted(NamedTuple):
     present: int
     binary: int
-    encodings: collections.Counter[str]
-    types: collections.Counter[str | None]
+    encodings: dict[str, int]
+    types: dict[str | None, int]
     sizes: list[int]
     checks: dict[int, Side]  # BASE64 text sides by index in the block, for `Stats.check_side`
 
@@ -191,7 +191,7 @@ def _count(sel: Selection, ref: FileRef, first: int, block: bytes, limit: int | 
 
 def _side_counts(column: list[_Side | None]) -> _Counted:
     present: list[_Side] = list(filter(None, column))
-    encodings = collections.Counter(map(_ENCODING, present))
+    encodings = _tally(list(map(_ENCODING, present)))
     if not encodings.keys() <= {"CSV", "JSON", BASE64}:
         raise ValueError("an unknown encoding")  # the per-record path reports the line
     text_sides = present if BASE64 not in encodings else [s for s in present if s.encoding != BASE64]
@@ -213,10 +213,19 @@ def _side_counts(column: list[_Side | None]) -> _Counted:
             binary += 1
             continue
         checks[i] = Side(s.observedContentType, BASE64, data, False)
-    types = collections.Counter(map(_CONTENT_TYPE, present))
+    types = _tally(list(map(_CONTENT_TYPE, present)))
     return _Counted(len(present), binary, encodings, types, sizes, checks)
 
 
+def _tally(values: list[_V]) -> dict[_V, int]:
+    """Counts of `values`: a model server's block holds one value a column (one encoding, one
+    content type), which `list.count` confirms without hashing every item."""
+    if values and values.count(values[0]) == len(values):
+        return {values[0]: len(values)}
+    return collections.Counter(values)
+
+
+_V = TypeVar("_V")
 _TIME = operator.attrgetter("eventMetadata.inferenceTime")
 _INPUT = operator.attrgetter("captureData.endpointInput")
 _OUTPUT = operator.attrgetter("captureData.endpointOutput")
