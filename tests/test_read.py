@@ -25,11 +25,11 @@ import captured
 from captured.client.aio import AsyncCaptureClient
 from captured.reader import Capture
 from captured.service.config import Config, load_config
+from captured.testing.data import SAGEMAKER_SAMPLES
 from captured.testing.inprocess import FakeClock, run_daemon
 from captured.testing.s3 import S3Sandbox
 
 T0 = dt.datetime(2024, 6, 1, 12, 30, tzinfo=dt.UTC)
-SPEC = Path(__file__).resolve().parent.parent.parent / "shared" / "spec" / "data-capture.md"
 
 
 def endpoints_config(root: Path, destination: str, compression: str = "none") -> Config:
@@ -184,7 +184,7 @@ def test_selection_by_time_endpoint_variant_and_inference_id(short_tmp: Path) ->
 
 
 def test_sagemakers_own_sample_lines_read_back_with_their_documented_values(tmp_path: Path) -> None:
-    samples = [line for line in SPEC.read_text().splitlines() if line.startswith('{"captureData"')]
+    samples = [line.decode() for line in SAGEMAKER_SAMPLES]
     assert len(samples) == 4
     hour = tmp_path / "churn-endpoint" / "AllTraffic" / "2021" / "05" / "18" / "00"
     hour.mkdir(parents=True)
@@ -213,7 +213,7 @@ def test_sagemakers_own_sample_lines_read_back_with_their_documented_values(tmp_
 
 
 def test_a_corrupt_line_and_a_truncated_zstd_object_are_reported_and_the_rest_read(tmp_path: Path) -> None:
-    samples = [line for line in SPEC.read_text().splitlines() if line.startswith('{"captureData"')]
+    samples = [line.decode() for line in SAGEMAKER_SAMPLES]
     hour = tmp_path / "ep" / "AllTraffic" / "2021" / "05" / "18" / "00"
     hour.mkdir(parents=True)
     (hour / "00-00-000-00000000-0000-4000-8000-000000000001.jsonl").write_text(

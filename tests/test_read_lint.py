@@ -33,12 +33,7 @@ from captured.reader.lint import (
 from captured.reader.records import Capture, Side
 from captured.reader.sources import open_source
 from captured.reader.stream import captures, selection
-
-# SageMaker's own lines (spec section 3), verbatim.
-SAMPLE_CSV = b'{"captureData":{"endpointInput":{"observedContentType":"text/csv","mode":"INPUT","data":"41,0,159.3,66\\n","encoding":"CSV"},"endpointOutput":{"observedContentType":"text/csv; charset=utf-8","mode":"OUTPUT","data":"0.01216088142246008","encoding":"CSV"}},"eventMetadata":{"eventId":"a727dc55-cbe1-498c-bcb9-9c12eea02b44","inferenceId":"58","inferenceTime":"2021-05-18T00:29:02Z"},"eventVersion":"0"}'
-SAMPLE_JSON = b'{"captureData":{"endpointInput":{"observedContentType":"application/json","mode":"INPUT","data":"{\\"instances\\": [{\\"features\\": [28, 2, 133937, 9, 13, 2, 0, 0, 4, 1, 15024, 0, 55, 37]}]}","encoding":"JSON"},"endpointOutput":{"observedContentType":"application/json","mode":"OUTPUT","data":"{\\"predictions\\": [{\\"score\\": 0.9899773597717285, \\"predicted_label\\": 1}]}","encoding":"JSON"}},"eventMetadata":{"eventId":"7ddb2d7c-4d6a-4e67-a68e-23870399829d","inferenceTime":"2024-01-19T19:27:57Z"},"eventVersion":"0"}'
-SAMPLE_JSONLINES = b'{"captureData":{"endpointInput":{"observedContentType":"application/jsonlines","mode":"INPUT","data":"{\\"features\\":[28,2,133937,9,13,2,0,0,4,1,15024,0,55,37]}\\n{\\"features\\":[43,2,72338,12,14,2,12,0,1,1,0,0,40,37]}","encoding":"JSON"},"endpointOutput":{"observedContentType":"application/jsonlines","mode":"OUTPUT","data":"{\\"predicted_label\\":1,\\"score\\":0.989977359771728}\\n{\\"predicted_label\\":1,\\"score\\":0.504138827323913}\\n","encoding":"JSON"}},"eventMetadata":{"eventId":"32aaea1b-1a60-4870-b81d-40271f950c4a","inferenceTime":"2023-01-19T05:31:46Z"},"eventVersion":"0"}'
-SAMPLE_HTML = b'{"captureData":{"endpointInput":{"observedContentType":"application/json","mode":"INPUT","data":"{\\"median_income\\": [7.9761, 5.2907]}","encoding":"JSON"},"endpointOutput":{"observedContentType":"text/html; charset=utf-8","mode":"OUTPUT","data":"eyJtZWRpYW5faG91c2VfdmFsdWUiOiBbNDc4MDQ2LjY2LCAyMDY1NTEuMDFdfQ==","encoding":"BASE64"}},"eventMetadata":{"eventId":"fffc6319-59a6-446f-b30f-46c6ed1aac64","inferenceId":"c7f0edc0-9397-4cd3-a948-bd7b639da2f5","inferenceTime":"2021-09-12T08:03:35Z"},"eventVersion":"0"}'
+from captured.testing.data import SAMPLE_CSV, SAMPLE_HTML, SAMPLE_JSON, SAMPLE_JSONLINES
 
 _encode = msgspec.json.Encoder().encode
 
