@@ -6,18 +6,19 @@ import argparse
 import logging
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from captured import __version__
 from captured.errors import ConfigError
 from captured.reader import cli as read_cli
-from captured.service import status
 from captured.service.config import Config, load_config, render_toml
 from captured.service.configfile import Overrides
-from captured.service.status import Status
 from captured.wire import frames
+
+if TYPE_CHECKING:
+    from captured.service.status import Status
 
 EXIT_INVALID = 2
 
@@ -108,6 +109,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def fetch_status(socket_path: str, timeout: float = 5.0) -> Status:
+    from captured.service import status  # the daemon's status types: only for this command
+
     """One STATUS exchange over the capture socket."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
@@ -132,6 +135,8 @@ def query_status(socket_path: str, timeout: float = 5.0) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from captured.service import status
+
     path = args.socket
     if path is None:
         try:
