@@ -4,6 +4,7 @@ on real trees read by the real reader (SageMaker's sample lines and lines as the
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import re
 import uuid
@@ -462,6 +463,15 @@ def test_size_histogram_exact_below_1k_then_within_1_in_128() -> None:
     true_p50 = 7 * ((summary.count + 1) // 2 - 1)
     assert true_p50 <= summary.p50 <= true_p50 * (1 + 1 / 128)
     assert summary.max == 6_291_455 - 6_291_455 % 7
+    # Counted sizes (the block path) give the same histogram as adding them one by one.
+    sizes = [7 * i % 5000 for i in range(3000)] + [0, 1, 1_000_003, 6_291_455]
+    one_by_one, counted = SizeHistogram(), SizeHistogram()
+    for size in sizes:
+        one_by_one.add(size)
+    counted.add_counted(collections.Counter(sizes[:1000]))
+    counted.add_counted(collections.Counter(sizes[1000:]))
+    assert counted.summary() == one_by_one.summary()
+    assert counted._buckets == one_by_one._buckets
 
 
 def test_bounded_content_types_and_examples() -> None:
@@ -521,3 +531,60 @@ def test_problem_kinds_documented() -> None:
     assert set(DESCRIPTIONS) == set(PROBLEMS)
     for kind in PROBLEMS:
         assert f"`{kind}`" in (lint.__doc__ or "")
+
+
+# -- lines a fast path could misread: each alone in a file, with good records around it ------------
+
+GOOD = csv_record("2024-06-01T12:00:00Z", "1,2\n", "0.5")
+_META = b'"eventMetadata":{"eventId":"e","inferenceTime":"2024-06-01T12:00:03Z"}'
+_SIDE = b'{"observedContentType":"text/csv","mode":"INPUT","data":"1,2","encoding":"CSV"}'
+ODD_LINES = {
+    "whitespace only": b"   \t",
+    "two records on one line": GOOD + b" " + GOOD,
+    "leading spaces": b"  " + GOOD,
+    "carriage return": GOOD + b"\r",
+    "pretty printed": b'{"captureData":\n{},\n' + _META + b"}",
+    "split after a brace": b'{"captureData":{"endpointInput":' + _SIDE + b"}\n," + _META + b"} " + GOOD,
+    "side without mode": b'{"captureData":{"endpointInput":{"observedContentType":"text/csv","data":"1",'
+    b'"encoding":"CSV"}},' + _META + b"}",
+    "side without content type": b'{"captureData":{"endpointInput":{"mode":"INPUT","data":"1",'
+    b'"encoding":"CSV"}},' + _META + b"}",
+    "data not a string": b'{"captureData":{"endpointInput":{"observedContentType":"text/csv","mode":"INPUT",'
+    b'"data":12,"encoding":"CSV"}},' + _META + b"}",
+    "mode not SageMaker's": _SIDE.join([b'{"captureData":{"endpointInput":', b"}," + _META + b"}"]).replace(
+        b'"INPUT"', b'"REQUEST"'
+    ),
+    "no eventId": b'{"captureData":{},"eventMetadata":{"inferenceTime":"2024-06-01T12:00:03Z"}}',
+    "eventVersion 1": b'{"captureData":{"endpointInput":' + _SIDE + b"}," + _META + b',"eventVersion":"1"}',
+    "eventVersion a number": b'{"captureData":{},' + _META + b',"eventVersion":0}',
+    "customAttributes a number": b'{"captureData":{"endpointInput":' + _SIDE + b'},"eventMetadata":'
+    b'{"eventId":"e","inferenceTime":"2024-06-01T12:00:03Z","customAttributes":7}}',
+    "unknown encoding": b'{"captureData":{"endpointInput":'
+    + _SIDE.replace(b'"CSV"', b'"UTF8"')
+    + b"},"
+    + _META
+    + b"}",
+    "time with fraction": GOOD.replace(b"12:00:00Z", b"12:00:00.250Z"),
+    "time with offset": GOOD.replace(b"12:00:00Z", b"14:00:00+02:00"),
+    "time with a 60th minute": GOOD.replace(b"12:00:00Z", b"12:60:00Z"),
+    "time on June 31": GOOD.replace(b"06-01T12:00:00Z", b"06-31T12:00:00Z"),
+    "time at hour 24": GOOD.replace(b"12:00:00Z", b"24:00:00Z"),
+    "time in lower case": GOOD.replace(b"T12:00:00Z", b"t12:00:00z"),
+    "time of another length": GOOD.replace(b"2024-06-01T12:00:00Z", b"24-06-01T12:00:00Z"),
+    "escaped non-ASCII": GOOD.replace(b'"1,2\\n"', b'"caf\\u00e9,2"'),
+    "raw non-ASCII": GOOD.replace(b'"1,2\\n"', '"caf\u00e9,2"'.encode()),
+    "invalid UTF-8": GOOD.replace(b'"1,2\\n"', b'"caf\xe9,2"'),
+    "lone surrogate": GOOD.replace(b'"1,2\\n"', b'"\\ud800,2"'),
+}
+
+
+def test_odd_lines_read_the_same_both_ways(tmp_path: Path) -> None:
+    """Each odd line between two good records, one file each: the record path, the block path and
+    the split paths agree (`run`), and the good records around it are all counted."""
+    for i, (name, odd) in enumerate(ODD_LINES.items()):
+        assert b"\n" not in odd.replace(b"\n{},\n", b"").replace(b"}\n,", b""), name
+        path = capture_file(tmp_path, "churn", "AllTraffic", "2024/06/01/12", f"{i:02d}-00-000")
+        path.write_bytes(GOOD + b"\n" + odd + b"\n" + GOOD + b"\n")
+    report = run(tmp_path, Selection())
+    assert report.records >= 2 * len(ODD_LINES)
+    assert report.files_with_records == len(ODD_LINES)

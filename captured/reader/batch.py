@@ -23,9 +23,8 @@ import math
 import multiprocessing
 import operator
 import os
-import re
-from collections.abc import Iterator
-from typing import NamedTuple, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
 import msgspec
 import zstandard
@@ -39,13 +38,26 @@ from captured.reader.stream import BAD_LINE, BAD_OBJECT, Truncated, decompressed
 #: About this many bytes of lines per block.
 BLOCK_BYTES = 4 << 20
 
-_TIMES = re.compile(r"(?:\d{4}-\d\d-\d\dT\d\d:[0-5]\d:[0-5]\dZ\n)*", re.ASCII)
+#: SageMaker's `inferenceTime` (`yyyy-mm-ddThh:mm:ssZ`) with every digit as 0, and the offsets of
+#: the tens of its minutes and seconds.
+_SHAPE = b"0000-00-00T00:00:00Z"
+_DIGITS_AS_0 = bytes.maketrans(b"123456789", b"000000000")
+_TENS = (14, 17)
+
+
+_Mode = Literal["INPUT", "OUTPUT"]
+_Encoding = Literal["CSV", "JSON", "BASE64"]
 
 
 class _Side(msgspec.Struct, gc=False):
-    observedContentType: str | None = None
-    encoding: str = ""
-    data: str = ""
+    """`endpointInput` / `endpointOutput`, as strictly as `records.StoredSide` takes it. `mode` and
+    `encoding` are SageMaker's literals, which msgspec hands out without making a string per record;
+    a line with any other value (valid for the per-record path or not) sends its block there."""
+
+    observedContentType: str | None
+    mode: _Mode
+    data: str
+    encoding: _Encoding
 
 
 class _Data(msgspec.Struct, gc=False):
@@ -53,24 +65,97 @@ class _Data(msgspec.Struct, gc=False):
     endpointOutput: _Side | None = None
 
 
-class _Meta(msgspec.Struct, gc=False):
-    inferenceTime: str = ""
+class _Meta(msgspec.Struct, gc=False, kw_only=True):
+    """In the order SageMaker and the daemon write the keys (msgspec matches the next key first)."""
+
+    eventId: str
     inferenceId: str | None = None
-    eventId: str = ""
+    #: As long as SageMaker's form: any other (a fraction, an offset) sends the block to the
+    #: per-record path, which parses every ISO 8601 time.
+    inferenceTime: Annotated[str, msgspec.Meta(min_length=len(_SHAPE), max_length=len(_SHAPE))]
+    customAttributes: str | None = None
 
 
 class _Line(msgspec.Struct, gc=False):
+    """`records.StoredLine` with the same fields required: a line the per-record path rejects is
+    rejected here too, and its block goes there."""
+
     captureData: _Data
     eventMetadata: _Meta
+    eventVersion: Literal["0"] = "0"
 
 
-_decoder = msgspec.json.Decoder(_Line)
+_decode = msgspec.json.Decoder(_Line).decode
+
+
+class _Decoder:
+    """Decodes a block's lines, with `observedContentType` a Literal of the content types met so far
+    (a model server sends a few): msgspec then hands out the same string objects instead of making
+    two strings per record, and counting them is comparing pointers. A block holding a type not met
+    yet fails that decoder and is decoded with `_Line` (a plain string), and its types are learned;
+    past `MAX_LEARNED` types only `_Line` is used."""
+
+    MAX_LEARNED = 32
+
+    def __init__(self) -> None:
+        self.known: frozenset[str] = frozenset()
+        self.learning = True
+        self.learned: Callable[[bytes], _Line] | None = None
+
+    def lines(self, parts: list[bytes]) -> list[_Line]:
+        """Every part decoded; msgspec.DecodeError when one is not a valid line."""
+        if self.learned is not None:
+            try:
+                return list(map(self.learned, parts))
+            except msgspec.ValidationError:
+                pass  # a new content type, or a line `_decode` rejects too
+        lines = list(map(_decode, parts))
+        if self.learning:
+            self._learn(lines)
+        return lines
+
+    def _learn(self, lines: list[_Line]) -> None:
+        met = set(map(_INPUT_TYPE, filter(_INPUT, lines))) | set(map(_OUTPUT_TYPE, filter(_OUTPUT, lines)))
+        known = self.known | {t for t in met if t is not None}
+        if known == self.known and self.learned is not None:
+            return
+        if len(known) > self.MAX_LEARNED:
+            self.learning, self.learned = False, None
+            return
+        self.known = known
+        self.learned = msgspec.json.Decoder(_line_type(tuple(sorted(known)))).decode if known else None
+
+
+_decoder = _Decoder()
+
+
+def _line_type(content_types: tuple[str, ...]) -> Any:
+    """`_Line` with `observedContentType` one of `content_types` or null."""
+    side = msgspec.defstruct(
+        "_Side",
+        [
+            ("observedContentType", Literal[content_types] | None),
+            ("mode", _Mode),
+            ("data", str),
+            ("encoding", _Encoding),
+        ],
+        gc=False,
+    )
+    data = msgspec.defstruct(
+        "_Data", [("endpointInput", side | None, None), ("endpointOutput", side | None, None)], gc=False
+    )
+    return msgspec.defstruct(
+        "_Line",
+        [("captureData", data), ("eventMetadata", _Meta), ("eventVersion", Literal["0"], "0")],
+        gc=False,
+    )
 
 
 def blocks(source: Source, files: list[FileRef]) -> Iterator[tuple[FileRef, bytes | BaseException]]:
     """Each file's whole lines (ending in newlines) a block at a time, in order, then, if it failed
     part-way (a torn zstd frame, a read error), the failure: its whole lines before the failure
-    come first, as in the per-record path."""
+    come first, as in the per-record path. A file read in one chunk (local files up to
+    `sources.CHUNK`) is its own block, not copied."""
     for ref, chunks in source.contents(files):
         pending: list[bytes] = []
         size = 0
@@ -80,10 +165,10 @@ def blocks(source: Source, files: list[FileRef]) -> Iterator[tuple[FileRef, byte
                 pending.append(chunk)
                 size += len(chunk)
                 if size >= BLOCK_BYTES:
-                    whole = b"".join(pending)
+                    whole = b"".join(pending)  # the chunk itself when it is the only one
                     cut = whole.rfind(b"\n") + 1
                     if cut:
-                        yield ref, whole[:cut]
+                        yield ref, whole[:cut]  # `whole` itself when it ends with a newline
                         pending, size = [whole[cut:]], len(whole) - cut
         except (OSError, zstandard.ZstdError, Truncated) as exc:
             failure = exc
@@ -107,7 +192,7 @@ def add_block(
     """
     try:
         counted = _count(stats.selection, ref, first, block, limit)
-    except (msgspec.DecodeError, ValueError, binascii.Error):
+    except (msgspec.DecodeError, ValueError, binascii.Error):  # ValueError: a date that is not one
         counted = None
     if counted is None:
         return _slowly(stats, ref, first, block, limit), block.count(b"\n")
@@ -141,8 +226,9 @@ class _Counted(NamedTuple):
     binary: int
     encodings: dict[str, int]
     types: dict[str | None, int]
-    sizes: list[int]
+    sizes: dict[int, int]  # body size -> sides
     checks: dict[int, Side]  # BASE64 text sides by index in the block, for `Stats.check_side`
+    column_encodings: list[str]  # of the sides present, in order
 
 
 #: (records counted, lines in the block, records per hour, earliest, latest, sides, problems)
@@ -153,12 +239,15 @@ _Result = tuple[int, int, dict[dt.datetime, int], dt.datetime, dt.datetime, _Sid
 def _count(sel: Selection, ref: FileRef, first: int, block: bytes, limit: int | None) -> _Result | None:
     """What the block adds, or None when only the per-record path can tell it exactly. The work is
     C-level passes over columns (`map` with attribute getters, `Counter`, list comparisons)."""
-    if block.startswith(b"\n") or b"\n\n" in block:
-        return None  # an empty line: the per-record path reports it where it is
-    lines = _decoder.decode_lines(block)
+    parts = block.split(b"\n")
+    parts.pop()  # a block ends with a newline
+    # Line by line, as the per-record path: `decode_lines` would also take a line holding two
+    # records, or one record over two lines, and skip a line of spaces.
+    lines = _decoder.lines(parts)
+    del parts
     in_block = len(lines)
     times = list(map(_TIME, lines))
-    if times and _TIMES.fullmatch("\n".join(times) + "\n") is None:
+    if not _canonical(times):
         return None
     keep = _selected(sel, lines, times)
     if keep is not None:
@@ -167,46 +256,81 @@ def _count(sel: Selection, ref: FileRef, first: int, block: bytes, limit: int | 
     if limit is not None and len(lines) > limit:
         lines, times = lines[:limit], times[:limit]
     found = _Found([], [first + i for i in keep] if keep is not None else None, first)
-    if not lines:
+    n = len(lines)
+    if not n:
         return 0, in_block, {}, _EPOCH, _EPOCH, [], found
     low, high = min(times), max(times)
-    per_hour = {low[:13]: len(times)} if low[:13] == high[:13] else collections.Counter(map(_HOUR, times))
-    hours = {dt.datetime.strptime(h, "%Y-%m-%dT%H").replace(tzinfo=dt.UTC): n for h, n in per_hour.items()}
+    per_hour = {low[:13]: n} if low[:13] == high[:13] else collections.Counter(map(_HOUR, times))
+    hours = {dt.datetime.strptime(h, "%Y-%m-%dT%H").replace(tzinfo=dt.UTC): k for h, k in per_hour.items()}
     inputs = list(map(_INPUT, lines))
     outputs = list(map(_OUTPUT, lines))
-    sides = [(name, _side_counts(column)) for name, column in (("input", inputs), ("output", outputs))]
-    if None in inputs or None in outputs:
-        pairs: list[int] = list(range(len(lines)))
-    else:  # every record has both sides: only the ones whose encodings differ
-        left, right = list(map(_ENCODING, inputs)), list(map(_ENCODING, outputs))
-        pairs = [] if left == right else [i for i, a in enumerate(left) if a != right[i]]
-    for i in pairs:
-        a, b = inputs[i], outputs[i]
-        if a is None and b is None:
-            found.found.append(("no_side", i, ""))
-        elif a is not None and b is not None and a.encoding != b.encoding:
-            found.found.append(("encoding_mismatch", i, f"input {a.encoding}, output {b.encoding}"))
-    return len(lines), in_block, hours, _at(low), _at(high), sides, found
+    del lines, times
+    ins, outs = _side_counts(inputs), _side_counts(outputs)
+    if ins.present == n or outs.present == n:  # no record without a side
+        _mismatches(found.found, inputs, outputs, ins, outs)
+    else:
+        for i, (a, b) in enumerate(zip(inputs, outputs, strict=True)):
+            if a is None and b is None:
+                found.found.append(("no_side", i, ""))
+            elif a is not None and b is not None and a.encoding != b.encoding:
+                found.found.append(("encoding_mismatch", i, f"input {a.encoding}, output {b.encoding}"))
+    sides = [("input", ins), ("output", outs)]
+    return n, in_block, hours, _at(low), _at(high), sides, found
+
+
+def _mismatches(
+    found: list[tuple[str, int, str]],
+    inputs: list[_Side | None],
+    outputs: list[_Side | None],
+    ins: _Counted,
+    outs: _Counted,
+) -> None:
+    """The records whose input and output encodings differ, when one side is in every record."""
+    if ins.present == outs.present == len(inputs):  # both everywhere: compare the two columns
+        left, right = ins.column_encodings, outs.column_encodings
+        if left != right:
+            found.extend(
+                ("encoding_mismatch", i, f"input {a}, output {b}")
+                for i, (a, b) in enumerate(zip(left, right, strict=True))
+                if a != b
+            )
+        return
+    if not ins.present or not outs.present:  # one side only: nothing to compare
+        return
+    if ins.present == len(inputs):
+        full, partial = ins.column_encodings, outputs
+        found.extend(
+            ("encoding_mismatch", i, f"input {full[i]}, output {s.encoding}")
+            for i, s in enumerate(partial)
+            if s is not None and s.encoding != full[i]
+        )
+    else:
+        full, partial = outs.column_encodings, inputs
+        found.extend(
+            ("encoding_mismatch", i, f"input {s.encoding}, output {full[i]}")
+            for i, s in enumerate(partial)
+            if s is not None and s.encoding != full[i]
+        )
 
 
 def _side_counts(column: list[_Side | None]) -> _Counted:
     present: list[_Side] = list(filter(None, column))
-    encodings = _tally(list(map(_ENCODING, present)))
-    if not encodings.keys() <= {"CSV", "JSON", BASE64}:
-        raise ValueError("an unknown encoding")  # the per-record path reports the line
+    encodings_column = list(map(_ENCODING, present))
+    encodings = _tally(encodings_column)
     text_sides = present if BASE64 not in encodings else [s for s in present if s.encoding != BASE64]
     texts = list(map(_DATA, text_sides))
     if all(map(str.isascii, texts)):
-        sizes = list(map(len, texts))
+        sizes = collections.Counter(map(len, texts))
     else:
-        sizes = [len(d.encode("utf-8", "surrogatepass")) for d in texts]
+        sizes = collections.Counter(len(d.encode("utf-8", "surrogatepass")) for d in texts)
+    del texts
     binary = 0
     checks: dict[int, Side] = {}
     for i, s in enumerate(column) if BASE64 in encodings else ():
         if s is None or s.encoding != BASE64:
             continue
         data = base64.b64decode(s.data, validate=True)
-        sizes.append(len(data))
+        sizes[len(data)] += 1
         try:
             data.decode("utf-8")
         except UnicodeDecodeError:
@@ -214,7 +338,7 @@ def _side_counts(column: list[_Side | None]) -> _Counted:
             continue
         checks[i] = Side(s.observedContentType, BASE64, data, False)
     types = _tally(list(map(_CONTENT_TYPE, present)))
-    return _Counted(len(present), binary, encodings, types, sizes, checks)
+    return _Counted(len(present), binary, encodings, types, sizes, checks, encodings_column)
 
 
 def _tally(values: list[_V]) -> dict[_V, int]:
@@ -228,6 +352,8 @@ def _tally(values: list[_V]) -> dict[_V, int]:
 _V = TypeVar("_V")
 _TIME = operator.attrgetter("eventMetadata.inferenceTime")
 _INPUT = operator.attrgetter("captureData.endpointInput")
+_INPUT_TYPE = operator.attrgetter("captureData.endpointInput.observedContentType")
+_OUTPUT_TYPE = operator.attrgetter("captureData.endpointOutput.observedContentType")
 _OUTPUT = operator.attrgetter("captureData.endpointOutput")
 _ENCODING = operator.attrgetter("encoding")
 _DATA = operator.attrgetter("data")
@@ -240,6 +366,8 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 PARALLEL_BYTES = 64 << 20
 #: At most this many worker processes.
 MAX_WORKERS = 4
+#: The files are cut into this many runs per worker process.
+TASKS_PER_WORKER = 16
 
 
 def count(
@@ -247,13 +375,13 @@ def count(
 ) -> int:
     """Every selected record of `listing`'s files into `stats`, a block at a time; how many.
 
-    A large local read (no `limit`) is split in key order over `workers` processes (default: the
-    CPUs, at most `MAX_WORKERS`), each counting a contiguous run of files of about equal size;
-    their counts are merged in order, so the report is the one a single pass gives.
+    A large local read (no `limit`) is split over `workers` processes (default: the CPUs this
+    process may run on, at most `MAX_WORKERS`), which count contiguous runs of files of about equal
+    size; the counts are merged in key order, so the report is the one a single pass gives.
     """
     files = listing.files
     if workers is None:
-        workers = min(os.cpu_count() or 1, MAX_WORKERS)
+        workers = min(len(os.sched_getaffinity(0)), MAX_WORKERS)
         if sum(f.size for f in files) < PARALLEL_BYTES:
             workers = 1
     workers = min(workers, len(files))
@@ -263,14 +391,17 @@ def count(
 
 
 def _in_parallel(source: LocalSource, files: list[FileRef], stats: Stats, workers: int) -> int:
-    groups = _split(files, workers)
+    """`TASKS_PER_WORKER` runs of files per worker, handed out as workers get free (a slower core,
+    or a run of smaller records, does not hold the others up), merged in key order."""
+    groups = _split(files, workers * TASKS_PER_WORKER)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)  # fork: a local read holds no threads here
-    with concurrent.futures.ProcessPoolExecutor(len(groups), mp_context=context) as pool:
-        results = list(pool.map(_worker, [(source.root, group, stats.selection) for group in groups]))
-    for part in results:
-        stats.merge(part)
-    return sum(part.records_counted for part in results)
+    counted = 0
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        for part in pool.map(_worker, [(source.root, group, stats.selection) for group in groups]):
+            stats.merge(part)
+            counted += part.records_counted
+    return counted
 
 
 def _split(files: list[FileRef], parts: int) -> list[list[FileRef]]:
@@ -330,6 +461,19 @@ def _canonical_ceil(when: dt.datetime) -> str:
     t >= when exactly when text(t) >= this, and t < when exactly when text(t) < this."""
     seconds = math.ceil(when.timestamp())
     return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _canonical(times: list[str]) -> bool:
+    """Whether every time (each as long as `_SHAPE`) is `yyyy-mm-ddThh:mm:ssZ` with minutes and
+    seconds below 60: then text order is time order. (The date and the hour are checked where each
+    distinct hour is parsed, `strptime` raising ValueError.)"""
+    try:
+        text = "".join(times).encode("ascii")
+    except UnicodeEncodeError:
+        return False
+    if text.translate(_DIGITS_AS_0) != _SHAPE * len(times):
+        return False
+    return not any(text[i :: len(_SHAPE)].lstrip(b"012345") for i in _TENS)
 
 
 def _at(text: str) -> dt.datetime:

@@ -61,9 +61,8 @@ the report counts them: Model Monitor reads only `.jsonl`.
 
 from __future__ import annotations
 
-import collections
 import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TypeVar
 
 import msgspec
@@ -212,22 +211,20 @@ class SizeHistogram:
         low = bucket_low(size)
         self._buckets[low] = self._buckets.get(low, 0) + 1
 
-    def add_many(self, sizes: Iterable[int]) -> None:
-        """Many sizes: the same as `add` for each, counted in C where it can be (sizes below
-        `EXACT_BELOW` are their own buckets)."""
-        sizes = list(sizes)
+    def add_counted(self, sizes: Mapping[int, int]) -> None:
+        """Sizes already counted (size -> how many): the same as `add` for each."""
         if not sizes:
             return
         low, high = min(sizes), max(sizes)
         if self.count == 0 or low < self.min:
             self.min = low
         self.max = max(self.max, high)
-        self.count += len(sizes)
-        self.total += sum(sizes)
-        exact = high < EXACT_BELOW  # every size is its own bucket
-        buckets = collections.Counter(sizes if exact else map(bucket_low, sizes))
-        for bucket, n in buckets.items():
-            self._buckets[bucket] = self._buckets.get(bucket, 0) + n
+        self.count += sum(sizes.values())
+        self.total += sum(size * n for size, n in sizes.items())
+        buckets = self._buckets
+        for size, n in sizes.items():
+            bucket = size if size < EXACT_BELOW else bucket_low(size)
+            buckets[bucket] = buckets.get(bucket, 0) + n
 
     def merge(self, other: SizeHistogram) -> None:
         if other.count == 0:
@@ -296,9 +293,10 @@ class _SideStats:
         binary: int,
         encodings: Mapping[str, int],
         content_types: Mapping[str, int] | Mapping[str | None, int],
-        sizes: Iterable[int],
+        sizes: Mapping[int, int],
     ) -> None:
-        """A block's sides at once (`batch`): the same counts as `add` for each of them."""
+        """A block's sides at once (`batch`): the same counts as `add` for each of them; `sizes`
+        maps a body size to how many sides have it."""
         self.records += present
         self.binary += binary
         for encoding, n in encodings.items():
@@ -308,10 +306,10 @@ class _SideStats:
             if ct not in self.content_types and len(self.content_types) >= MAX_CONTENT_TYPES:
                 ct = OTHER
             self.content_types[ct] = self.content_types.get(ct, 0) + n
-        self.sizes.add_many(sizes)
+        self.sizes.add_counted(sizes)
 
     def merge(self, other: _SideStats) -> None:
-        self.add_counts(other.records, other.binary, other.encodings, other.content_types, ())
+        self.add_counts(other.records, other.binary, other.encodings, other.content_types, {})
         self.sizes.merge(other.sizes)
 
     def report(self) -> SideReport:
@@ -474,9 +472,9 @@ class Stats:
         binary: int,
         encodings: Mapping[str, int],
         content_types: Mapping[str, int] | Mapping[str | None, int],
-        sizes: Iterable[int],
+        sizes: Mapping[int, int],
     ) -> None:
-        """What a block's `name` ("input" or "output") sides add."""
+        """What a block's `name` ("input" or "output") sides add (`sizes`: size -> sides)."""
         side = self._input if name == "input" else self._output
         side.add_counts(present, binary, encodings, content_types, sizes)
 
