@@ -9,7 +9,6 @@ stays bounded by about `AHEAD` objects whatever the prefix holds.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import os
@@ -17,9 +16,12 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from captured.reader.layout import Place, Selection, hour_prefix, place
+
+if TYPE_CHECKING:
+    import asyncio  # the S3 source imports it when it runs: a local read starts ~50 ms sooner
 
 #: Objects downloaded ahead of the consumer (S3).
 AHEAD = 4
@@ -156,6 +158,8 @@ class S3Source:
         results: queue.Queue[tuple[FileRef, bytes | BaseException] | None] = queue.Queue(maxsize=AHEAD)
         stop = threading.Event()
         work = self._download(files, results, stop)
+        import asyncio
+
         thread = threading.Thread(target=asyncio.run, args=(work,), name="captured-read", daemon=True)
         thread.start()
         try:
@@ -175,6 +179,8 @@ class S3Source:
         results: queue.Queue[tuple[FileRef, bytes | BaseException] | None],
         stop: threading.Event,
     ) -> None:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         try:
             async with self._client() as client:
@@ -233,6 +239,8 @@ def _run(coro: Any) -> Any:
     error: list[BaseException] = []
 
     def target() -> None:
+        import asyncio
+
         try:
             out.append(asyncio.run(coro))
         except BaseException as exc:
