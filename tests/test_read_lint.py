@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import os
+import pty
 import re
+import sys
 import uuid
 from pathlib import Path
 
 import msgspec
+import pytest
 import zstandard
 
 from captured.daemon.encode import CaptureData, EventMetadata, Line
 from captured.daemon.encode import Side as LineSide
 from captured.reader import batch
+from captured.reader import cli as reader_cli
 from captured.reader.layout import Selection
 from captured.reader.lint import (
     DESCRIPTIONS,
@@ -34,6 +39,7 @@ from captured.reader.lint import (
 from captured.reader.records import Capture, Side
 from captured.reader.sources import open_source
 from captured.reader.stream import captures, selection
+from captured.service import cli as service_cli
 from captured.testing.data import SAMPLE_CSV, SAMPLE_HTML, SAMPLE_JSON, SAMPLE_JSONLINES
 
 _encode = msgspec.json.Encoder().encode
@@ -588,3 +594,31 @@ def test_odd_lines_read_the_same_both_ways(tmp_path: Path) -> None:
     report = run(tmp_path, Selection())
     assert report.records >= 2 * len(ODD_LINES)
     assert report.files_with_records == len(ODD_LINES)
+
+
+def test_stats_progress_on_a_terminal_then_cleared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--stats` shows files and records done on stderr when it is a terminal (a real pty), in one
+    process and with workers, and clears the line before the report; nothing when it is not."""
+    root = tmp_path / "captures"
+    for f in range(3):
+        lines = [csv_record(f"2024-06-01T12:{f:02d}:{i % 60:02d}Z", "1,2\n", "0.5") for i in range(2000)]
+        write_lines(capture_file(root, "churn", "AllTraffic", "2024/06/01/12", f"{f:02d}-00-000"), lines)
+    monkeypatch.setattr(reader_cli.Progress, "EVERY_S", 0.0)  # show at every step, not every 0.5 s
+    for workers in ("1", "2"):
+        leader, follower = pty.openpty()
+        with open(follower, "w") as tty:
+            monkeypatch.setattr(sys, "stderr", tty)
+            assert service_cli.main(["read", str(root), "--stats", "--workers", workers]) == 0
+        shown = os.read(leader, 1 << 16).decode()
+        os.close(leader)
+        assert "\r3/3 files, 6000 records, " in shown, (workers, shown)
+        *_, line, end = shown.split("\r")
+        assert end == "" and line.strip() == "" and len(line) >= len("3/3 files, 6000 records, "), shown
+        assert re.search(r"^records +6,000$", capsys.readouterr().out, re.MULTILINE)
+    with open(tmp_path / "stderr", "w") as not_a_terminal:
+        monkeypatch.setattr(sys, "stderr", not_a_terminal)
+        assert service_cli.main(["read", str(root), "--stats", "--workers", "1"]) == 0
+    assert (tmp_path / "stderr").read_text() == ""
+    assert re.search(r"^records +6,000$", capsys.readouterr().out, re.MULTILINE)

@@ -370,10 +370,21 @@ MAX_WORKERS = 4
 TASKS_PER_WORKER = 16
 
 
+#: `on_progress(files, records)`: that many more files were started and records counted.
+OnProgress = Callable[[int, int], None]
+
+
 def count(
-    source: Source, listing: Listing, stats: Stats, limit: int | None = None, *, workers: int | None = None
+    source: Source,
+    listing: Listing,
+    stats: Stats,
+    limit: int | None = None,
+    *,
+    workers: int | None = None,
+    on_progress: OnProgress | None = None,
 ) -> int:
     """Every selected record of `listing`'s files into `stats`, a block at a time; how many.
+    `on_progress` hears of each block (one process), or of each run of files a worker finished.
 
     A large local read (no `limit`) is split over `workers` processes (default: the CPUs this
     process may run on, at most `MAX_WORKERS`), which count contiguous runs of files of about equal
@@ -386,11 +397,13 @@ def count(
             workers = 1
     workers = min(workers, len(files))
     if workers > 1 and limit is None and isinstance(source, LocalSource):
-        return _in_parallel(source, files, stats, workers)
-    return _count_files(source, files, stats, limit)
+        return _in_parallel(source, files, stats, workers, on_progress)
+    return _count_files(source, files, stats, limit, on_progress)
 
 
-def _in_parallel(source: LocalSource, files: list[FileRef], stats: Stats, workers: int) -> int:
+def _in_parallel(
+    source: LocalSource, files: list[FileRef], stats: Stats, workers: int, on_progress: OnProgress | None
+) -> int:
     """`TASKS_PER_WORKER` runs of files per worker, handed out as workers get free (a slower core,
     or a run of smaller records, does not hold the others up), merged in key order."""
     groups = _split(files, workers * TASKS_PER_WORKER)
@@ -398,9 +411,12 @@ def _in_parallel(source: LocalSource, files: list[FileRef], stats: Stats, worker
     context = multiprocessing.get_context(method)  # fork: a local read holds no threads here
     counted = 0
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        for part in pool.map(_worker, [(source.root, group, stats.selection) for group in groups]):
+        parts = pool.map(_worker, [(source.root, group, stats.selection) for group in groups])
+        for group, part in zip(groups, parts, strict=True):
             stats.merge(part)
             counted += part.records_counted
+            if on_progress is not None:
+                on_progress(len(group), part.records_counted)
     return counted
 
 
@@ -420,16 +436,19 @@ def _split(files: list[FileRef], parts: int) -> list[list[FileRef]]:
 def _worker(job: tuple[str, list[FileRef], Selection]) -> Stats:
     root, files, selection = job
     stats = Stats(selection)
-    _count_files(LocalSource(root), files, stats, None)
+    _count_files(LocalSource(root), files, stats, None, None)
     return stats
 
 
-def _count_files(source: Source, files: list[FileRef], stats: Stats, limit: int | None) -> int:
+def _count_files(
+    source: Source, files: list[FileRef], stats: Stats, limit: int | None, on_progress: OnProgress | None
+) -> int:
     taken = 0
     last: FileRef | None = None
     first = 1
     for ref, block in blocks(source, files):
-        if ref is not last:
+        new_file = ref is not last
+        if new_file:
             last, first = ref, 1
         if isinstance(block, BaseException):
             stats.on_problem(BAD_OBJECT, ref.key, f"{block} (after {first - 1} line(s))")
@@ -437,6 +456,8 @@ def _count_files(source: Source, files: list[FileRef], stats: Stats, limit: int 
         n, lines = add_block(stats, ref, first, block, None if limit is None else limit - taken)
         taken += n
         first += lines
+        if on_progress is not None:
+            on_progress(new_file, n)
         if limit is not None and taken >= limit:
             break
     return taken

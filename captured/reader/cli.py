@@ -137,11 +137,13 @@ def _stats(
 ) -> int:
     from captured.reader import batch
     from captured.reader.lint import Stats, format_problems, format_report
+    from captured.service.process import tune_malloc
 
     # A read cut short by --limit never reached the later hours: they are not "empty".
     stats = Stats(sel if args.limit is None else msgspec.structs.replace(sel, start=None, end=None))
     stats.listing(listing)
-    batch.count(source, listing, stats, args.limit, workers=args.workers)  # a block at a time
+    tune_malloc()  # this process and its workers reuse the blocks' memory instead of faulting it in
+    batch.count(source, listing, stats, args.limit, workers=args.workers, on_progress=progress.add)
     report = stats.report()
     progress.done()
     sys.stdout.write(format_problems(report) if args.validate else format_report(report))
@@ -170,20 +172,36 @@ class Progress:
         self.files_total = files
         self.files = self.records = 0
         self.started = self.shown = time.monotonic()
+        self.width = 0  # of the longest line shown
 
     def file(self, key: str) -> None:
         self.files += 1
 
     def record(self) -> None:
         self.records += 1
-        if self.on and self.records % 1024 == 0 and (now := time.monotonic()) - self.shown >= self.EVERY_S:
+        if self.on and self.records % 1024 == 0:
+            self._show()
+
+    def add(self, files: int, records: int) -> None:
+        """`files` more files started and `records` more records counted (`--stats`)."""
+        self.files += files
+        self.records += records
+        if self.on:
+            self._show()
+
+    def _show(self) -> None:
+        if (now := time.monotonic()) - self.shown >= self.EVERY_S:
             self.shown = now
             rate = self.records / max(now - self.started, 1e-9)
-            self.out.write(f"\r{self.files}/{self.files_total} files, {self.records} records, {rate:,.0f}/s ")
+            line = f"{self.files}/{self.files_total} files, {self.records} records, {rate:,.0f}/s "
+            self.out.write("\r" + line)
             self.out.flush()
+            self.width = max(self.width, len(line))
 
     def done(self) -> None:
-        if self.on and self.records >= 1024:
-            self.out.write("\r" + " " * 60 + "\r")
+        """Clear the line, if one was shown."""
+        if self.width:
+            self.out.write("\r" + " " * self.width + "\r")
             self.out.flush()
-            self.on = False
+        self.on = False
+        self.width = 0
