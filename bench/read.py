@@ -6,8 +6,8 @@ variants, records spread over 6 hours, files of at most 10,000 lines named
 with `--zstd`), 250-byte CSV requests and 12-byte scores (`captured.testing.data.payloads`), an
 `inferenceId` and a uuid4 `eventId` per record, `inferenceTime` in the file's hour.
 
-Then, alternating, `--repeat` times, each in a fresh subprocess (process start and imports count
-on both sides):
+Then, alternating (captured first in odd rounds, DuckDB in even ones), `--repeat` times, each in a
+fresh subprocess (process start and imports count on both sides):
 
 - captured: `python -m captured read DIR --stats`, which parses every line, decodes both sides
   and prints records per endpoint/variant/hour, encodings, content types and body sizes. Its
@@ -393,9 +393,14 @@ def main(argv: list[str] | None = None) -> int:
         data = generate(root, args.records, compress=args.zstd)
         query = duckdb_query(root, args.zstd)
         runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
-        for _ in range(args.repeat):
-            runs["captured"].append(run_captured(root, mode, args.timeout))
-            runs["duckdb"].append(run_duckdb(query, args.duckdb_threads, args.timeout))
+        for i in range(args.repeat):
+            # Each system goes first every other round: neither always runs on a machine the
+            # other has just warmed (or left busy).
+            for system in SYSTEMS if i % 2 == 0 else SYSTEMS[::-1]:
+                if system == "captured":
+                    runs["captured"].append(run_captured(root, mode, args.timeout))
+                else:
+                    runs["duckdb"].append(run_duckdb(query, args.duckdb_threads, args.timeout))
     finally:
         if args.keep:
             print(f"data kept in {root}", file=sys.stderr)
