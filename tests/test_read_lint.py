@@ -21,7 +21,7 @@ from captured.daemon.encode import CaptureData, EventMetadata, Line
 from captured.daemon.encode import Side as LineSide
 from captured.reader import batch
 from captured.reader import cli as reader_cli
-from captured.reader.layout import Selection
+from captured.reader.layout import Place, Selection
 from captured.reader.lint import (
     DESCRIPTIONS,
     EXAMPLES,
@@ -37,7 +37,7 @@ from captured.reader.lint import (
     outside_reason,
 )
 from captured.reader.records import Capture, Side
-from captured.reader.sources import open_source
+from captured.reader.sources import FileRef, open_source
 from captured.reader.stream import captures, selection
 from captured.service import cli as service_cli
 from captured.testing.data import SAMPLE_CSV, SAMPLE_HTML, SAMPLE_JSON, SAMPLE_JSONLINES
@@ -622,3 +622,20 @@ def test_stats_progress_on_a_terminal_then_cleared(
         assert service_cli.main(["read", str(root), "--stats", "--workers", "1"]) == 0
     assert (tmp_path / "stderr").read_text() == ""
     assert re.search(r"^records +6,000$", capsys.readouterr().out, re.MULTILINE)
+
+
+def test_default_workers_count_zstd_objects_by_the_lines_they_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zstd tree of 57 MB holds about 600 MB of lines: it gets the workers a plain tree of that
+    size gets, not one process (`bench/read.py --zstd` ran in one)."""
+    monkeypatch.setattr(batch, "_cpus", lambda: 6)
+    place = Place("churn", "AllTraffic", dt.datetime(2024, 6, 1, 12, tzinfo=dt.UTC))
+
+    def files(suffix: str, each: int, n: int) -> list[FileRef]:
+        return [FileRef(f"k{i}{suffix}", f"k{i}{suffix}", place, each) for i in range(n)]
+
+    assert batch.default_workers(files(".jsonl", 1 << 20, 63)) == 1
+    assert batch.default_workers(files(".jsonl", 1 << 20, 64)) == batch.MAX_WORKERS == 4
+    assert batch.default_workers(files(".jsonl.zst", 1 << 20, 8)) == 4  # 8 MiB stored, ~64 MiB of lines
+    assert batch.default_workers(files(".jsonl.zst", 1 << 20, 7)) == 1
+    monkeypatch.setattr(batch, "_cpus", lambda: 2)
+    assert batch.default_workers(files(".jsonl.zst", 1 << 20, 57)) == 2
