@@ -154,8 +154,7 @@ def _line_type(content_types: tuple[str, ...]) -> Any:
 def blocks(source: Source, files: list[FileRef]) -> Iterator[tuple[FileRef, bytes | BaseException]]:
     """Each file's whole lines (ending in newlines) a block at a time, in order, then, if it failed
     part-way (a torn zstd frame, a read error), the failure: its whole lines before the failure
-    come first, as in the per-record path. A file read in one chunk (local files up to
-    `sources.CHUNK`) is its own block, not copied."""
+    come first, as in the per-record path."""
     for ref, chunks in source.contents(files):
         pending: list[bytes] = []
         size = 0
@@ -165,10 +164,10 @@ def blocks(source: Source, files: list[FileRef]) -> Iterator[tuple[FileRef, byte
                 pending.append(chunk)
                 size += len(chunk)
                 if size >= BLOCK_BYTES:
-                    whole = b"".join(pending)  # the chunk itself when it is the only one
+                    whole = b"".join(pending)
                     cut = whole.rfind(b"\n") + 1
                     if cut:
-                        yield ref, whole[:cut]  # `whole` itself when it ends with a newline
+                        yield ref, whole[:cut]
                         pending, size = [whole[cut:]], len(whole) - cut
         except (OSError, zstandard.ZstdError, Truncated) as exc:
             failure = exc
