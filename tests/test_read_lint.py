@@ -596,6 +596,19 @@ def test_odd_lines_read_the_same_both_ways(tmp_path: Path) -> None:
     assert report.files_with_records == len(ODD_LINES)
 
 
+def read_all(leader: int) -> bytes:
+    """Everything written to a pty whose follower side is closed (one read may return a part)."""
+    chunks = []
+    try:
+        while chunk := os.read(leader, 1 << 16):
+            chunks.append(chunk)
+    except OSError:  # EIO: the follower is closed and all was read
+        pass
+    finally:
+        os.close(leader)
+    return b"".join(chunks)
+
+
 def test_stats_progress_on_a_terminal_then_cleared(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -611,8 +624,7 @@ def test_stats_progress_on_a_terminal_then_cleared(
         with open(follower, "w") as tty:
             monkeypatch.setattr(sys, "stderr", tty)
             assert service_cli.main(["read", str(root), "--stats", "--workers", workers]) == 0
-        shown = os.read(leader, 1 << 16).decode()
-        os.close(leader)
+        shown = read_all(leader).decode()
         assert "\r3/3 files, 6000 records, " in shown, (workers, shown)
         *_, line, end = shown.split("\r")
         assert end == "" and line.strip() == "" and len(line) >= len("3/3 files, 6000 records, "), shown
