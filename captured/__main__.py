@@ -2,4 +2,5 @@ import sys
 
 from captured.service.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not in a worker process `captured read` spawns
+    sys.exit(main())

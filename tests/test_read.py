@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,11 @@ import zstandard
 
 import captured
 from captured.client.aio import AsyncCaptureClient
-from captured.reader import Capture
+from captured.reader import Capture, batch
+from captured.reader.layout import Selection
+from captured.reader.lint import Stats
+from captured.reader.sources import open_source
+from captured.reader.stream import captures
 from captured.service.config import Config, load_config
 from captured.testing.data import SAGEMAKER_SAMPLES
 from captured.testing.inprocess import FakeClock, run_daemon
@@ -157,6 +162,30 @@ def test_s3_captures_read_back_identical_plain_and_zstd(
         r["id"] for r in records if r["endpoint"] == "churn" and not r["variant"] and r["when"].hour == 13
     ]
     assert sorted(c.inference_id or "" for c in window) == sorted(expect) and expect
+    # --stats over S3: the record path, the block path, and the block path over two worker
+    # processes (each downloading its own run of objects) give one report.
+    for prefix in ("plain", "zst"):
+        source = open_source(f"s3://{s3.bucket}/{prefix}")
+        listing = source.listing(Selection())
+        by_record = Stats(Selection())
+        by_record.listing(listing)
+        for c in captures(source, listing, Selection(), by_record.on_problem):
+            by_record.add(c)
+        assert by_record.report().records == len(records)
+        for workers in (1, 2):
+            by_block = Stats(Selection())
+            by_block.listing(listing)
+            assert batch.count(source, listing, by_block, workers=workers) == len(records)
+            assert by_block.report() == by_record.report(), (prefix, workers)
+    # The command, over S3 with two spawned worker processes: they find the endpoint and the
+    # credentials, and the report counts every record.
+    done = subprocess.run(
+        [sys.executable, "-m", "captured", "read", f"s3://{s3.bucket}/zst", "--stats", "--workers", "2",
+         "--endpoint-url", s3.endpoint_url, "--region", "us-east-1"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert re.search(rf"^records +{len(records)}$", done.stdout, re.MULTILINE), done.stdout
 
 
 def test_selection_by_time_endpoint_variant_and_inference_id(short_tmp: Path) -> None:

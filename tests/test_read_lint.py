@@ -10,6 +10,7 @@ import os
 import pty
 import re
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -651,3 +652,28 @@ def test_default_workers_count_zstd_objects_by_the_lines_they_hold(monkeypatch: 
     assert batch.default_workers(files(".jsonl.zst", 1 << 20, 7)) == 1
     monkeypatch.setattr(batch, "_cpus", lambda: 2)
     assert batch.default_workers(files(".jsonl.zst", 1 << 20, 57)) == 2
+
+
+def test_workers_are_spawned_when_the_process_runs_threads(tmp_path: Path) -> None:
+    """Forking a process that runs another thread can copy a lock that thread holds: with one
+    alive, the workers are spawned instead, and the report is the same."""
+    tree = Seeded(tmp_path)
+    sel = Selection()
+    source = open_source(str(tree.root))
+    listing = source.listing(sel)
+    one = Stats(sel)
+    one.listing(listing)
+    batch.count(source, listing, one, workers=1)
+    stop = threading.Event()
+    busy = threading.Thread(target=stop.wait, name="a model server's thread")
+    busy.start()
+    try:
+        assert batch._start_method(source) == "spawn"
+        two = Stats(sel)
+        two.listing(listing)
+        batch.count(source, listing, two, workers=2)
+    finally:
+        stop.set()
+        busy.join()
+    assert two.report() == one.report()
+    assert two.report().problems  # the seeded tree: every kind is there to compare

@@ -23,6 +23,7 @@ import math
 import multiprocessing
 import operator
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
@@ -32,7 +33,7 @@ import zstandard
 from captured.reader.layout import Selection
 from captured.reader.lint import Stats
 from captured.reader.records import BASE64, LineError, Side, parse_line
-from captured.reader.sources import FileRef, Listing, LocalSource, Source
+from captured.reader.sources import FileRef, Listing, LocalSource, S3Source, Source
 from captured.reader.stream import BAD_LINE, BAD_OBJECT, Truncated, decompressed
 
 #: About this many bytes of lines per block.
@@ -388,13 +389,14 @@ def count(
     """Every selected record of `listing`'s files into `stats`, a block at a time; how many.
     `on_progress` hears of each block (one process), or of each run of files a worker finished.
 
-    A large local read (no `limit`) is split over `workers` processes (default: the CPUs this
-    process may run on, at most `MAX_WORKERS`), which count contiguous runs of files of about equal
-    size; the counts are merged in key order, so the report is the one a single pass gives.
+    A large read (no `limit`) is split over `workers` processes (default: the CPUs this process may
+    run on, at most `MAX_WORKERS`), which count contiguous runs of files of about equal size (from
+    S3, each downloading its own run `sources.AHEAD` objects ahead); the counts are merged in key
+    order, so the report is the one a single pass gives.
     """
     files = listing.files
     workers = min(default_workers(files) if workers is None else workers, len(files))
-    if workers > 1 and limit is None and isinstance(source, LocalSource):
+    if workers > 1 and limit is None and isinstance(source, LocalSource | S3Source):
         return _in_parallel(source, files, stats, workers, on_progress)
     return _count_files(source, files, stats, limit, on_progress)
 
@@ -413,22 +415,39 @@ def _cpus() -> int:
 
 
 def _in_parallel(
-    source: LocalSource, files: list[FileRef], stats: Stats, workers: int, on_progress: OnProgress | None
+    source: LocalSource | S3Source,
+    files: list[FileRef],
+    stats: Stats,
+    workers: int,
+    on_progress: OnProgress | None,
 ) -> int:
     """`TASKS_PER_WORKER` runs of files per worker, handed out as workers get free (a slower core,
     or a run of smaller records, does not hold the others up), merged in key order."""
     groups = _split(files, workers * TASKS_PER_WORKER)
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)  # fork: a local read holds no threads here
+    context = multiprocessing.get_context(_start_method(source))
     counted = 0
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        parts = pool.map(_worker, [(source.root, group, stats.selection) for group in groups])
+        parts = pool.map(_worker, [(source, group, stats.selection) for group in groups])
         for group, part in zip(groups, parts, strict=True):
             stats.merge(part)
             counted += part.records_counted
             if on_progress is not None:
                 on_progress(len(group), part.records_counted)
     return counted
+
+
+def _start_method(source: Source) -> str:
+    """fork for a local read in a process running no other thread: a forked child starts at once.
+    Else spawn: forking copies the locks other threads hold, and an S3 read's child would create
+    TLS contexts under OpenSSL locks its parent's finished listing thread left behind (a child
+    hung in `SSL_CTX_new`, in tests/test_read.py)."""
+    if (
+        isinstance(source, LocalSource)
+        and "fork" in multiprocessing.get_all_start_methods()
+        and threading.active_count() == 1
+    ):
+        return "fork"
+    return "spawn"
 
 
 def _split(files: list[FileRef], parts: int) -> list[list[FileRef]]:
@@ -444,10 +463,10 @@ def _split(files: list[FileRef], parts: int) -> list[list[FileRef]]:
     return groups
 
 
-def _worker(job: tuple[str, list[FileRef], Selection]) -> Stats:
-    root, files, selection = job
+def _worker(job: tuple[LocalSource | S3Source, list[FileRef], Selection]) -> Stats:
+    source, files, selection = job
     stats = Stats(selection)
-    _count_files(LocalSource(root), files, stats, None, None)
+    _count_files(source, files, stats, None, None)
     return stats
 
 
