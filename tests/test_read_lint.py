@@ -1,5 +1,6 @@
-"""`captured.reader.lint`: the statistics and the problems of `captured read --stats` / `--validate`,
-on real trees read by the real reader (SageMaker's sample lines and lines as the daemon writes them).
+"""`captured.reader.lint` and `report`: the statistics and the problems of `captured read --stats`
+and `--validate`, on real trees read by the real reader (SageMaker's sample lines and lines as the
+daemon writes them).
 """
 
 from __future__ import annotations
@@ -23,21 +24,17 @@ from captured.daemon.encode import Side as LineSide
 from captured.reader import batch
 from captured.reader import cli as reader_cli
 from captured.reader.layout import Place, Selection
-from captured.reader.lint import (
+from captured.reader.lint import EXAMPLES, MAX_CONTENT_TYPES, SizeHistogram, Stats, outside_reason
+from captured.reader.records import Capture, Side
+from captured.reader.report import (
     DESCRIPTIONS,
-    EXAMPLES,
-    MAX_CONTENT_TYPES,
     PROBLEMS,
     ProblemCount,
     Report,
-    SizeHistogram,
     Sizes,
-    Stats,
     format_problems,
     format_report,
-    outside_reason,
 )
-from captured.reader.records import Capture, Side
 from captured.reader.sources import FileRef, open_source
 from captured.reader.stream import captures, selection
 from captured.service import cli as service_cli

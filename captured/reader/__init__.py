@@ -6,7 +6,8 @@
 
 `layout` says where captures lie and what a read selects, `sources` lists and fetches files,
 `records` parses a line into a typed `Capture`, `stream` streams them, `lint` counts what
-Model Monitor or Athena would stumble on.
+Model Monitor or Athena would stumble on (`batch` a block of lines at a time), `report` is what
+it found and the text `captured read --stats` prints.
 """
 
 from captured.reader.records import Capture, Side

@@ -136,7 +136,8 @@ def _stats(
     source: Source, listing: Listing, sel: Selection, args: argparse.Namespace, progress: Progress
 ) -> int:
     from captured.reader import batch
-    from captured.reader.lint import Stats, format_problems, format_report
+    from captured.reader.lint import Stats
+    from captured.reader.report import format_problems, format_report
     from captured.service.process import tune_malloc
 
     # A read cut short by --limit never reached the later hours: they are not "empty".
