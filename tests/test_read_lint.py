@@ -674,3 +674,23 @@ def test_workers_are_spawned_when_the_process_runs_threads(tmp_path: Path) -> No
         busy.join()
     assert two.report() == one.report()
     assert two.report().problems  # the seeded tree: every kind is there to compare
+
+
+def test_json_report_is_the_report_and_validate_still_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--stats --json` prints the whole report as one JSON document that decodes back to the
+    report a read gives; `--validate --json` too, still exiting 1 on problems; `--json` alone is
+    a usage error."""
+    Seeded(tmp_path)
+    window = ["--start", "2024-06-01T12:00Z", "--end", "2024-06-01T15:00Z"]
+    report = run(tmp_path, selection(start="2024-06-01T12:00Z", end="2024-06-01T15:00Z"))
+    assert report.problems and report.empty_hours_checked
+    assert service_cli.main(["read", str(tmp_path), "--stats", "--json", *window]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("\n") == 1
+    assert msgspec.json.decode(printed, type=Report) == report
+    assert service_cli.main(["read", str(tmp_path), "--validate", "--json", *window]) == 1
+    assert msgspec.json.decode(capsys.readouterr().out, type=Report) == report
+    assert service_cli.main(["read", str(tmp_path), "--json"]) == 2
+    assert "--json goes with --stats or --validate" in capsys.readouterr().err

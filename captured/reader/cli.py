@@ -47,7 +47,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--workers",
         metavar="N",
         type=int,
-        help="--stats / --validate of a large local source: worker processes (default: CPUs, at most 4)",
+        help="--stats / --validate of a large source: worker processes (default: CPUs, at most 4)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="with --stats or --validate: the whole report as one JSON document (for CI pipelines)",
     )
     p.add_argument("--config", metavar="FILE", help="[s3] endpoint_url and region from this configuration")
     p.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (an S3-compatible server)")
@@ -55,6 +60,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def cmd_read(args: argparse.Namespace) -> int:
+    if args.json and not (args.stats or args.validate):
+        print(
+            "captured read: --json goes with --stats or --validate (records are JSON already)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
         sel = selection(
             endpoint=args.endpoint,
@@ -147,7 +158,10 @@ def _stats(
     batch.count(source, listing, stats, args.limit, workers=args.workers, on_progress=progress.add)
     report = stats.report()
     progress.done()
-    sys.stdout.write(format_problems(report) if args.validate else format_report(report))
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
+    else:
+        sys.stdout.write(format_problems(report) if args.validate else format_report(report))
     sys.stdout.flush()
     return EXIT_PROBLEMS if args.validate and report.problems else 0
 
