@@ -1,11 +1,12 @@
 """`captured read --stats` a block of lines at a time: the statistics without a `Capture` per record.
 
 The per-record path (`Stats.add(capture)`) builds a typed record, decodes its bodies and parses
-its time, about 12 us a record. Statistics need none of that for a healthy file: one
-`decode_lines` call parses a whole block of lines into small structs (C), and the counts are C-level
-passes over columns (`Counter`, comprehensions, one regex over all the block's times). Per record
-what is left is a few list items; BASE64 bodies alone are decoded (to tell binary ones, and JSON or
-CSV stored as BASE64), which healthy JSON and CSV captures do not have.
+its time, about 12 us a record. Statistics need none of that for a healthy file: each line of a
+block is decoded into small structs (`decode`, in C), and the counts are C-level passes over
+columns (`map` with attribute getters, `Counter`, list comparisons, one `translate` over all the
+block's times). BASE64 bodies alone are decoded (to tell binary ones, and JSON or CSV stored as
+BASE64), which healthy JSON and CSV captures do not have. Large reads are split over worker
+processes (`count`).
 
 A block the fast path cannot take exactly (a line that is not a record, a time that is not
 SageMaker's canonical `yyyy-mm-ddThh:mm:ssZ`) goes through the per-record path instead, so both
@@ -25,11 +26,13 @@ import operator
 import os
 import threading
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any, Literal, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
 import msgspec
 import zstandard
 
+from captured.reader.decode import DECODER, Line, canonical
+from captured.reader.decode import Side as BlockSide
 from captured.reader.layout import Selection
 from captured.reader.lint import Stats
 from captured.reader.records import BASE64, LineError, Side, parse_line
@@ -38,118 +41,6 @@ from captured.reader.stream import BAD_LINE, BAD_OBJECT, Truncated, decompressed
 
 #: About this many bytes of lines per block.
 BLOCK_BYTES = 4 << 20
-
-#: SageMaker's `inferenceTime` (`yyyy-mm-ddThh:mm:ssZ`) with every digit as 0, and the offsets of
-#: the tens of its minutes and seconds.
-_SHAPE = b"0000-00-00T00:00:00Z"
-_DIGITS_AS_0 = bytes.maketrans(b"123456789", b"000000000")
-_TENS = (14, 17)
-
-
-_Mode = Literal["INPUT", "OUTPUT"]
-_Encoding = Literal["CSV", "JSON", "BASE64"]
-
-
-class _Side(msgspec.Struct, gc=False):
-    """`endpointInput` / `endpointOutput`, as strictly as `records.StoredSide` takes it. `mode` and
-    `encoding` are SageMaker's literals, which msgspec hands out without making a string per record;
-    a line with any other value (valid for the per-record path or not) sends its block there."""
-
-    observedContentType: str | None
-    mode: _Mode
-    data: str
-    encoding: _Encoding
-
-
-class _Data(msgspec.Struct, gc=False):
-    endpointInput: _Side | None = None
-    endpointOutput: _Side | None = None
-
-
-class _Meta(msgspec.Struct, gc=False, kw_only=True):
-    """In the order SageMaker and the daemon write the keys (msgspec matches the next key first)."""
-
-    eventId: str
-    inferenceId: str | None = None
-    #: As long as SageMaker's form: any other (a fraction, an offset) sends the block to the
-    #: per-record path, which parses every ISO 8601 time.
-    inferenceTime: Annotated[str, msgspec.Meta(min_length=len(_SHAPE), max_length=len(_SHAPE))]
-    customAttributes: str | None = None
-
-
-class _Line(msgspec.Struct, gc=False):
-    """`records.StoredLine` with the same fields required: a line the per-record path rejects is
-    rejected here too, and its block goes there."""
-
-    captureData: _Data
-    eventMetadata: _Meta
-    eventVersion: Literal["0"] = "0"
-
-
-_decode = msgspec.json.Decoder(_Line).decode
-
-
-class _Decoder:
-    """Decodes a block's lines, with `observedContentType` a Literal of the content types met so far
-    (a model server sends a few): msgspec then hands out the same string objects instead of making
-    two strings per record, and counting them is comparing pointers. A block holding a type not met
-    yet fails that decoder and is decoded with `_Line` (a plain string), and its types are learned;
-    past `MAX_LEARNED` types only `_Line` is used."""
-
-    MAX_LEARNED = 32
-
-    def __init__(self) -> None:
-        self.known: frozenset[str] = frozenset()
-        self.learning = True
-        self.learned: Callable[[bytes], _Line] | None = None
-
-    def lines(self, parts: list[bytes]) -> list[_Line]:
-        """Every part decoded; msgspec.DecodeError when one is not a valid line."""
-        if self.learned is not None:
-            try:
-                return list(map(self.learned, parts))
-            except msgspec.ValidationError:
-                pass  # a new content type, or a line `_decode` rejects too
-        lines = list(map(_decode, parts))
-        if self.learning:
-            self._learn(lines)
-        return lines
-
-    def _learn(self, lines: list[_Line]) -> None:
-        met = set(map(_INPUT_TYPE, filter(_INPUT, lines))) | set(map(_OUTPUT_TYPE, filter(_OUTPUT, lines)))
-        known = self.known | {t for t in met if t is not None}
-        if known == self.known and self.learned is not None:
-            return
-        if len(known) > self.MAX_LEARNED:
-            self.learning, self.learned = False, None
-            return
-        self.known = known
-        self.learned = msgspec.json.Decoder(_line_type(tuple(sorted(known)))).decode if known else None
-
-
-_decoder = _Decoder()
-
-
-def _line_type(content_types: tuple[str, ...]) -> Any:
-    """`_Line` with `observedContentType` one of `content_types` or null."""
-    side = msgspec.defstruct(
-        "_Side",
-        [
-            ("observedContentType", Literal[content_types] | None),
-            ("mode", _Mode),
-            ("data", str),
-            ("encoding", _Encoding),
-        ],
-        gc=False,
-    )
-    data = msgspec.defstruct(
-        "_Data", [("endpointInput", side | None, None), ("endpointOutput", side | None, None)], gc=False
-    )
-    return msgspec.defstruct(
-        "_Line",
-        [("captureData", data), ("eventMetadata", _Meta), ("eventVersion", Literal["0"], "0")],
-        gc=False,
-    )
 
 
 def blocks(source: Source, files: list[FileRef]) -> Iterator[tuple[FileRef, bytes | BaseException]]:
@@ -243,11 +134,11 @@ def _count(sel: Selection, ref: FileRef, first: int, block: bytes, limit: int | 
     parts.pop()  # a block ends with a newline
     # Line by line, as the per-record path: `decode_lines` would also take a line holding two
     # records, or one record over two lines, and skip a line of spaces.
-    lines = _decoder.lines(parts)
+    lines = DECODER.lines(parts)
     del parts
     in_block = len(lines)
     times = list(map(_TIME, lines))
-    if not _canonical(times):
+    if not canonical(times):
         return None
     keep = _selected(sel, lines, times)
     if keep is not None:
@@ -280,8 +171,8 @@ def _count(sel: Selection, ref: FileRef, first: int, block: bytes, limit: int | 
 
 def _mismatches(
     found: list[tuple[str, int, str]],
-    inputs: list[_Side | None],
-    outputs: list[_Side | None],
+    inputs: list[BlockSide | None],
+    outputs: list[BlockSide | None],
     ins: _Counted,
     outs: _Counted,
 ) -> None:
@@ -313,8 +204,8 @@ def _mismatches(
         )
 
 
-def _side_counts(column: list[_Side | None]) -> _Counted:
-    present: list[_Side] = list(filter(None, column))
+def _side_counts(column: list[BlockSide | None]) -> _Counted:
+    present: list[BlockSide] = list(filter(None, column))
     encodings_column = list(map(_ENCODING, present))
     encodings = _tally(encodings_column)
     text_sides = present if BASE64 not in encodings else [s for s in present if s.encoding != BASE64]
@@ -352,8 +243,6 @@ def _tally(values: list[_V]) -> dict[_V, int]:
 _V = TypeVar("_V")
 _TIME = operator.attrgetter("eventMetadata.inferenceTime")
 _INPUT = operator.attrgetter("captureData.endpointInput")
-_INPUT_TYPE = operator.attrgetter("captureData.endpointInput.observedContentType")
-_OUTPUT_TYPE = operator.attrgetter("captureData.endpointOutput.observedContentType")
 _OUTPUT = operator.attrgetter("captureData.endpointOutput")
 _ENCODING = operator.attrgetter("encoding")
 _DATA = operator.attrgetter("data")
@@ -493,7 +382,7 @@ def _count_files(
     return taken
 
 
-def _selected(sel: Selection, lines: list[_Line], times: list[str]) -> list[int] | None:
+def _selected(sel: Selection, lines: list[Line], times: list[str]) -> list[int] | None:
     """Indexes of the records the selection takes by time and inference id; None: all."""
     if sel.start is None and sel.end is None and sel.inference_ids is None:
         return None
@@ -512,19 +401,6 @@ def _canonical_ceil(when: dt.datetime) -> str:
     t >= when exactly when text(t) >= this, and t < when exactly when text(t) < this."""
     seconds = math.ceil(when.timestamp())
     return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _canonical(times: list[str]) -> bool:
-    """Whether every time (each as long as `_SHAPE`) is `yyyy-mm-ddThh:mm:ssZ` with minutes and
-    seconds below 60: then text order is time order. (The date and the hour are checked where each
-    distinct hour is parsed, `strptime` raising ValueError.)"""
-    try:
-        text = "".join(times).encode("ascii")
-    except UnicodeEncodeError:
-        return False
-    if text.translate(_DIGITS_AS_0) != _SHAPE * len(times):
-        return False
-    return not any(text[i :: len(_SHAPE)].lstrip(b"012345") for i in _TENS)
 
 
 def _at(text: str) -> dt.datetime:
