@@ -694,3 +694,34 @@ def test_json_report_is_the_report_and_validate_still_fails(
     assert msgspec.json.decode(capsys.readouterr().out, type=Report) == report
     assert service_cli.main(["read", str(tmp_path), "--json"]) == 2
     assert "--json goes with --stats or --validate" in capsys.readouterr().err
+
+
+def test_mismatches_where_one_side_is_in_every_record_and_the_other_in_some(tmp_path: Path) -> None:
+    """The block path's shortcuts for encoding mismatches (one side in every record of a block,
+    the other in some) find what the record path finds."""
+    csv_in, json_in = (
+        side("INPUT", "text/csv", "1,2\n", "CSV"),
+        side("INPUT", "application/json", "{}", "JSON"),
+    )
+    csv_out, json_out = (
+        side("OUTPUT", "text/csv", "0.5", "CSV"),
+        side("OUTPUT", "application/json", "1", "JSON"),
+    )
+    t = "2024-06-01T12:00:0{}Z".format
+    inputs_everywhere = [line(t(1), csv_in), line(t(2), csv_in, json_out), line(t(3), json_in, json_out)]
+    outputs_everywhere = [
+        line(t(4), None, csv_out),
+        line(t(5), json_in, csv_out),
+        line(t(6), csv_in, csv_out),
+    ]
+    a = write_lines(
+        capture_file(tmp_path, "churn", "AllTraffic", "2024/06/01/12", "00-00-000"), inputs_everywhere
+    )
+    b = write_lines(
+        capture_file(tmp_path, "churn", "AllTraffic", "2024/06/01/12", "01-00-000"), outputs_everywhere
+    )
+    report = run(tmp_path, Selection())
+    mismatch = problem(report, "encoding_mismatch")
+    assert (mismatch.count, mismatch.examples) == (2, (f"{a}:2", f"{b}:2"))
+    assert mismatch.details == ("input CSV, output JSON", "input JSON, output CSV")
+    assert "no_side" not in report.problems
