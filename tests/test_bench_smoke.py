@@ -170,3 +170,17 @@ def test_read_bench_counts_every_record_in_both_systems(tmp_path: Path) -> None:
         assert result["records"] == RECORDS
     assert set(doc["ratios"]) == {"records_per_s", "cpu_s"}
     assert list(tmp_path.iterdir()) == []  # it cleans up after itself
+
+
+@pytest.mark.timeout(180)
+def test_read_s3_bench_counts_every_record_in_both_arms() -> None:
+    """`bench/read_s3.py -n 2000 --repeat 1 --json` uploads 2000 seeded records to a moto server,
+    then runs `captured read s3://... --stats` with one worker and with two: both must count every
+    record. No timings are checked."""
+    doc = run_bench("read_s3.py", "-n", str(RECORDS), "--repeat", "1", "--workers", "2")
+    assert doc["data"]["records"] == RECORDS
+    assert set(doc["results"]) == {"1 worker", "2 workers"}
+    for result in doc["results"].values():
+        assert result["ok"], result
+        assert result["records"] == RECORDS
+    assert set(doc["ratios"]) == {"records_per_s", "cpu_s"}

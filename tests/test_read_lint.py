@@ -649,6 +649,9 @@ def test_default_workers_count_zstd_objects_by_the_lines_they_hold(monkeypatch: 
     assert batch.default_workers(files(".jsonl.zst", 1 << 20, 7)) == 1
     monkeypatch.setattr(batch, "_cpus", lambda: 2)
     assert batch.default_workers(files(".jsonl.zst", 1 << 20, 57)) == 2
+    # S3: a spawned worker costs more, so larger reads only.
+    assert batch.default_workers(files(".jsonl", 1 << 20, 255), batch.S3_PARALLEL_BYTES) == 1
+    assert batch.default_workers(files(".jsonl", 1 << 20, 256), batch.S3_PARALLEL_BYTES) == 2
 
 
 def test_workers_are_spawned_when_the_process_runs_threads(tmp_path: Path) -> None:
