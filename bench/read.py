@@ -229,12 +229,14 @@ class Run(msgspec.Struct):
     timed_out: bool
 
 
-def run_child(cmd: Sequence[str], *, timeout: float, keep_stdout: bool = True) -> Run:
+def run_child(
+    cmd: Sequence[str], *, timeout: float, keep_stdout: bool = True, env: dict[str, str] | None = None
+) -> Run:
     """Run `cmd`; its stdout (kept, or only its lines counted), wall time, and its own CPU and peak
     RSS (`wait4`: this child alone). Killed after `timeout` seconds."""
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, env=env)
         assert proc.stdout is not None
         out = _Drain(proc.stdout, keep_stdout)
         out.start()

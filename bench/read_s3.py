@@ -62,14 +62,7 @@ def run_arm(server: MotoServer, workers: int, timeout: float) -> dict[str, Any]:
     before = sum(moto.cpu_times()[:2])
     cmd = [sys.executable, "-m", "captured", "read", f"s3://{BUCKET}/{PREFIX}", "--stats",
            "--workers", str(workers), "--endpoint-url", server.endpoint_url, "--region", REGION]  # fmt: skip
-    old = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(server.aws_env(old))  # the child's environment: dummy credentials, no proxies
-    try:
-        r = run_child(cmd, timeout=timeout)
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    r = run_child(cmd, timeout=timeout, env=server.aws_env())  # dummy credentials, no proxies
     records = stats_total(r.stdout.decode(errors="replace"))
     return {
         "records": records,
